@@ -1,0 +1,41 @@
+# ORFEAS: `make run` starts the stack, `make test` runs the suite.
+# Both set everything up first (`make install`), which is idempotent and
+# quick once done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+PB := pb/.built
+
+export GATEWAY_PORT ?= 5000
+export GENERATION_PORT ?= 50051
+export TELEMETRY_PORT ?= 50052
+export DATA_DIR ?= $(CURDIR)/data
+
+.PHONY: install run test protos clean
+
+install: $(INSTALLED) $(PB)
+
+$(INSTALLED): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	# compat mode puts the repo root on sys.path, so pb/ (built later) imports too.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+		-e . --config-settings editable_mode=compat
+	touch $@
+
+protos: $(PB)
+$(PB): $(PROTOS) scripts/build_protos.sh $(INSTALLED)
+	PYTHON=$(BIN)/python scripts/build_protos.sh
+	touch $@
+
+run: install
+	$(BIN)/python -m services.stack
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf pb $(VENV) .pytest_cache

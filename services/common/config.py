@@ -1,0 +1,119 @@
+"""All configuration, typed, in one place. Every value comes from the
+environment (the names are the field names upper-cased, with the prefix
+shown), with the default beside it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _from_env(cls: type[T], prefix: str = "") -> T:
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        raw = os.environ.get(f"{prefix}{f.name}".upper())
+        if raw is None:
+            continue
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind.startswith("bool"):
+            values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif kind.startswith("int"):
+            values[f.name] = int(raw)
+        elif kind.startswith("float"):
+            values[f.name] = float(raw)
+        elif kind.startswith("Path"):
+            values[f.name] = Path(raw)
+        else:
+            values[f.name] = raw
+    return cls(**values)
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("DATA_DIR", "data")).resolve()
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """services/generation. Environment: GENERATION_<FIELD>, plus DATA_DIR."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = field(default_factory=_data_dir)
+    telemetry_address: str = "127.0.0.1:50052"
+    # Dynamic batcher knobs, named as Triton names them.
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 15.0
+    queue_limit: int = 64
+    # Memory budget: the share of device memory (or, on the CPU, of system
+    # memory) a batch may use.
+    target_utilization: float = 0.85
+    cpu_memory_share: float = 0.5
+    # Artificial memory limit in MiB for testing the out-of-memory path on the
+    # CPU; 0 means none.
+    memory_limit_mb: int = 0
+    grace_period_s: float = 20.0
+    max_attempts: int = 2
+    device_sample_interval_s: float = 5.0
+    log_level: str = "INFO"
+
+    @staticmethod
+    def from_env() -> "GenerationConfig":
+        cfg = _from_env(GenerationConfig, "GENERATION_")
+        port = os.environ.get("GENERATION_PORT")
+        tel = os.environ.get("TELEMETRY_PORT")
+        updates: dict[str, Any] = {}
+        if port:
+            updates["port"] = int(port)
+        if tel and "GENERATION_TELEMETRY_ADDRESS" not in os.environ:
+            updates["telemetry_address"] = f"127.0.0.1:{int(tel)}"
+        return _replace(cfg, updates)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """services/telemetry. Environment: TELEMETRY_<FIELD>, plus DATA_DIR."""
+
+    host: str = "127.0.0.1"
+    port: int = 50052
+    data_dir: Path = field(default_factory=_data_dir)
+    window_s: float = 900.0  # the sliding window the windowed aggregates cover
+    target_utilization: float = 0.85
+    log_level: str = "INFO"
+
+    @staticmethod
+    def from_env() -> "TelemetryConfig":
+        return _from_env(TelemetryConfig, "TELEMETRY_")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """gateway. Environment: GATEWAY_<FIELD>."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    generation_address: str = "127.0.0.1:50051"
+    telemetry_address: str = "127.0.0.1:50052"
+    max_upload_bytes: int = 20 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @staticmethod
+    def from_env() -> "GatewayConfig":
+        cfg = _from_env(GatewayConfig, "GATEWAY_")
+        updates: dict[str, Any] = {}
+        gen = os.environ.get("GENERATION_PORT")
+        tel = os.environ.get("TELEMETRY_PORT")
+        if gen and "GATEWAY_GENERATION_ADDRESS" not in os.environ:
+            updates["generation_address"] = f"127.0.0.1:{int(gen)}"
+        if tel and "GATEWAY_TELEMETRY_ADDRESS" not in os.environ:
+            updates["telemetry_address"] = f"127.0.0.1:{int(tel)}"
+        return _replace(cfg, updates)
+
+
+def _replace(cfg: T, updates: dict[str, Any]) -> T:
+    from dataclasses import replace
+
+    return replace(cfg, **updates) if updates else cfg  # type: ignore[type-var]

@@ -1,0 +1,63 @@
+"""The records that pass between the five pipeline stages.
+
+Coordinate frame shared by every backend and stage: the square crop made by
+image_preprocessing maps onto [-0.5, 0.5]^2 in x (right) and y (up), and +z
+points toward the viewer (the camera that took the picture). A mesh in this
+frame can be textured by projecting the picture along z, whatever backend
+made it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LoadedImage:
+    """image_loading's output: the decoded picture, upright (EXIF applied)."""
+
+    rgba: np.ndarray  # (H, W, 4) uint8
+    has_alpha: bool  # True when the alpha channel carries a real mask
+    source_format: str  # "PNG", "JPEG", ...
+    size: tuple[int, int]  # (width, height) as decoded
+
+
+@dataclass
+class PreparedImage:
+    """image_preprocessing's output: the object cropped, recentred, square."""
+
+    rgb: np.ndarray  # (S, S, 3) uint8 square crop, background pixels filled
+    mask: np.ndarray  # (S, S) bool foreground in the crop
+    grid_mask: np.ndarray  # (R, R) bool foreground at the reconstruction resolution R
+    mask_source: str  # "alpha", "segmentation" or "full"
+
+
+@dataclass
+class Shape:
+    """shape_generation's output: one closed, outward-wound triangle mesh."""
+
+    vertices: np.ndarray  # (N, 3) float32, in the shared frame
+    faces: np.ndarray  # (M, 3) int64
+
+
+@dataclass
+class TexturedShape:
+    """texture_synthesis's output: the shape and what colours it."""
+
+    shape: Shape
+    texture: np.ndarray | None  # (T, T, 3) uint8 atlas, None when texture is off
+    vertex_colors: np.ndarray  # (N, 4) uint8, always set (PLY uses them)
+    extras: dict[str, object] = field(default_factory=dict)  # stage-private mapping data
+
+
+@dataclass
+class ExportedMesh:
+    """mesh_export's output: every format's file bytes and the mesh statistics."""
+
+    files: dict[str, bytes]  # format ("glb", "obj", "stl", "ply") -> file bytes
+    vertices: int
+    faces: int
+    watertight: bool
+    volume: float
+    extents: tuple[float, float, float]
