@@ -14,9 +14,14 @@ export GENERATION_PORT ?= 50051
 export TELEMETRY_PORT ?= 50052
 export DATA_DIR ?= $(CURDIR)/data
 
+# Each make/*.mk adds its own targets and may append to EXTRA_INSTALL the
+# set-up steps `make install` must also run (the browser, npm packages, ...).
+EXTRA_INSTALL :=
+-include $(sort $(wildcard make/*.mk))
+
 .PHONY: install run test protos clean
 
-install: $(INSTALLED) $(PB)
+install: $(INSTALLED) $(PB) $(EXTRA_INSTALL)
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -58,6 +58,8 @@ class GenerationConfig:
     grace_period_s: float = 20.0
     max_attempts: int = 2
     device_sample_interval_s: float = 5.0
+    # Prometheus metrics over HTTP on this port (0: off).
+    metrics_port: int = 9101
     log_level: str = "INFO"
 
     @staticmethod
@@ -82,6 +84,8 @@ class TelemetryConfig:
     data_dir: Path = field(default_factory=_data_dir)
     window_s: float = 900.0  # the sliding window the windowed aggregates cover
     target_utilization: float = 0.85
+    # Prometheus metrics over HTTP on this port (0: off).
+    metrics_port: int = 9102
     log_level: str = "INFO"
 
     @staticmethod

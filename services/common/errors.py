@@ -57,3 +57,7 @@ class Cancelled(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(ServiceError):
+    code = grpc.StatusCode.DATA_LOSS

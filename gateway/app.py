@@ -1,0 +1,446 @@
+"""The REST gateway: REST in, gRPC out, progress as Server-Sent Events and WebSocket.
+
+It holds no state of its own: every answer comes from the generation and
+telemetry services, so restarting the gateway changes nothing a client sees.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway import errors, views
+from gateway.errors import ApiError
+from pb.orfeas.generation.v1 import generation_pb2 as pb
+from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
+from services.common.config import GatewayConfig
+
+log = logging.getLogger("gateway")
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+TELEMETRY_SERVICE = "orfeas.telemetry.v1.TelemetryService"
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+]
+SSE_KEEPALIVE_S = 15.0
+
+INT_FIELDS = ("seed", "resolution", "steps", "face_count", "texture_size")
+FLOAT_FIELDS = ("foreground_ratio", "timeout_seconds")
+PARAMETER_FIELDS = (
+    *INT_FIELDS,
+    *FLOAT_FIELDS,
+    "texture",
+    "remove_background",
+    "format",
+    "backend",
+    "request_id",
+)
+
+GENERATE_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "resolution": {"type": "integer", "minimum": 64, "maximum": 1024, "default": 256},
+        "steps": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+        "face_count": {"type": "integer", "minimum": 1000, "maximum": 500000, "default": 40000},
+        "texture": {"type": "boolean", "default": True},
+        "texture_size": {"type": "integer", "minimum": 256, "maximum": 4096, "default": 1024},
+        "remove_background": {"type": "string", "enum": ["auto", "on", "off"], "default": "auto"},
+        "foreground_ratio": {"type": "number", "minimum": 0.5, "maximum": 1.0, "default": 0.85},
+        "format": {"type": "string", "enum": ["glb", "obj", "stl", "ply"], "default": "glb"},
+        "backend": {"type": "string", "enum": ["inflate"], "default": "inflate"},
+        "request_id": {"type": "string", "maxLength": 128},
+        "timeout_seconds": {"type": "number", "minimum": 0, "maximum": 86400, "default": 0},
+    },
+}
+
+
+def create_app(config: GatewayConfig | None = None) -> FastAPI:
+    config = config or GatewayConfig.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        generation_channel = grpc.aio.insecure_channel(config.generation_address, options=CHANNEL_OPTIONS)
+        telemetry_channel = grpc.aio.insecure_channel(config.telemetry_address, options=CHANNEL_OPTIONS)
+        app.state.generation = pb_grpc.GenerationServiceStub(generation_channel)
+        app.state.generation_health = health_pb2_grpc.HealthStub(generation_channel)
+        app.state.telemetry_channel = telemetry_channel
+        app.state.telemetry_health = health_pb2_grpc.HealthStub(telemetry_channel)
+        yield
+        await generation_channel.close()
+        await telemetry_channel.close()
+
+    app = FastAPI(
+        title="ORFEAS 2D→3D",
+        version="1.0",
+        description="One picture in, a watertight textured mesh out.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    errors.install(app)
+    _routes(app, config)
+    return app
+
+
+def _stub(request: Request | WebSocket) -> pb_grpc.GenerationServiceStub:
+    return request.app.state.generation
+
+
+def _routes(app: FastAPI, config: GatewayConfig) -> None:
+    @app.get("/healthz", tags=["health"], summary="The gateway process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Ready when the generation service passes its health check")
+    async def readyz(request: Request) -> JSONResponse:
+        generation_ok, telemetry_ok = await asyncio.gather(
+            _healthy(request.app.state.generation_health, GENERATION_SERVICE),
+            _healthy(request.app.state.telemetry_health, TELEMETRY_SERVICE),
+        )
+        checks = {
+            "generation": "serving" if generation_ok else "unavailable",
+            "telemetry": "serving" if telemetry_ok else "unavailable",
+        }
+        if not generation_ok:
+            return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+        if not telemetry_ok:
+            return JSONResponse({"status": "degraded", "degraded": ["telemetry"], "checks": checks})
+        return JSONResponse({"status": "ready", "checks": checks})
+
+    @app.post(
+        "/api/v1/generations",
+        status_code=202,
+        tags=["generations"],
+        summary="Submit a picture; returns the queued job",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                **GENERATE_REQUEST_SCHEMA["properties"],
+                            },
+                        }
+                    },
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image_base64"],
+                            "properties": {
+                                "image_base64": {"type": "string", "format": "byte"},
+                                **GENERATE_REQUEST_SCHEMA["properties"],
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
+    async def submit(
+        request: Request, idempotency_key: str | None = Header(default=None, alias="Idempotency-Key")
+    ) -> JSONResponse:
+        image, fields = await _read_submission(request, config.max_upload_bytes)
+        grpc_request = _generate_request(image, fields, idempotency_key)
+        generation = await _call(_stub(request).SubmitGeneration(grpc_request))
+        view = views.generation(generation)
+        body = {"id": view["id"], "status": view["status"], "queue_position": view["queue_position"],
+                "links": view["links"]}
+        return JSONResponse(body, status_code=202, headers={"Location": view["links"]["self"]})
+
+    @app.get("/api/v1/generations", tags=["generations"], summary="List jobs, newest first")
+    async def list_generations(
+        request: Request,
+        page_size: int = Query(20, ge=1, le=100),
+        page_token: str = Query("", max_length=200),
+        status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$"),
+    ) -> dict[str, Any]:
+        response = await _call(
+            _stub(request).ListGenerations(
+                pb.ListGenerationsRequest(
+                    page_size=page_size, page_token=page_token, status=views.STATUS_VALUES.get(status or "", 0)
+                )
+            )
+        )
+        return {
+            "generations": [views.generation(g) for g in response.generations],
+            "next_page_token": response.next_page_token or None,
+        }
+
+    @app.get("/api/v1/generations/{generation_id}", tags=["generations"], summary="A job's status and result")
+    async def get_generation(request: Request, generation_id: str) -> dict[str, Any]:
+        generation = await _call(_stub(request).GetGeneration(pb.GetGenerationRequest(id=generation_id)))
+        return views.generation(generation)
+
+    @app.delete("/api/v1/generations/{generation_id}", tags=["generations"], summary="Cancel a job")
+    async def cancel_generation(request: Request, generation_id: str) -> dict[str, Any]:
+        generation = await _call(_stub(request).CancelGeneration(pb.CancelGenerationRequest(id=generation_id)))
+        return views.generation(generation)
+
+    @app.get(
+        "/api/v1/generations/{generation_id}/events",
+        tags=["generations"],
+        summary="Server-Sent Events: past events first, then live ones, then the terminal event",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def events(
+        request: Request,
+        generation_id: str,
+        last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
+    ) -> StreamingResponse:
+        call = _stub(request).WatchGeneration(pb.WatchGenerationRequest(id=generation_id))
+        first = await _first_message(call)
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        return StreamingResponse(
+            _sse(call, first, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.websocket("/api/v1/generations/{generation_id}/ws")
+    async def events_ws(websocket: WebSocket, generation_id: str) -> None:
+        await websocket.accept()
+        call = _stub(websocket).WatchGeneration(pb.WatchGenerationRequest(id=generation_id))
+        try:
+            async for message in call:
+                name, data = views.event(message)
+                await websocket.send_json({"event": name, "data": data})
+            await websocket.close()
+        except grpc.aio.AioRpcError as exc:
+            err = errors.from_rpc_error(exc)
+            await websocket.send_json({"event": "error", "data": {"error": {"code": err.code, "message": err.message}}})
+            await websocket.close(code=4000 + err.status)
+        except WebSocketDisconnect:
+            call.cancel()
+
+    @app.get(
+        "/api/v1/generations/{generation_id}/result",
+        tags=["generations"],
+        summary="Download the mesh",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"model/gltf-binary": {}, "application/zip": {}, "model/stl": {},
+                                     "application/octet-stream": {}}}},
+    )
+    async def result(
+        request: Request,
+        generation_id: str,
+        format: str | None = Query(None, pattern="^(glb|obj|stl|ply)$", description="default: the job's format"),
+    ) -> StreamingResponse:
+        call = _stub(request).DownloadResult(
+            pb.DownloadResultRequest(id=generation_id, format=views.FORMAT_VALUES.get(format or "", 0))
+        )
+        first = await _first_message(call)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield first.data
+            async for chunk in call:
+                yield chunk.data
+
+        return StreamingResponse(
+            body(),
+            media_type=first.content_type,
+            headers={
+                "Content-Disposition": f'attachment; filename="{first.filename}"',
+                "Content-Length": str(first.total_bytes),
+                "ETag": f'"{first.sha256}"',
+            },
+        )
+
+
+async def _healthy(stub: health_pb2_grpc.HealthStub, service: str) -> bool:
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    except grpc.aio.AioRpcError:
+        return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _call(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise errors.from_rpc_error(exc) from None
+
+
+async def _first_message(call: Any) -> Any:
+    """Read the first message so that NOT_FOUND and friends become HTTP errors, not a broken stream."""
+    try:
+        message = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        raise errors.from_rpc_error(exc) from None
+    if message is grpc.aio.EOF:
+        raise ApiError(502, "INTERNAL", "the generation service ended the stream without data")
+    return message
+
+
+async def _sse(call: Any, first: pb.GenerationEvent, after: int) -> AsyncIterator[bytes]:
+    def frame(message: pb.GenerationEvent) -> bytes:
+        name, data = views.event(message)
+        return f"id: {message.sequence}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    try:
+        if first.sequence > after:
+            yield frame(first)
+        while True:
+            try:
+                message = await asyncio.wait_for(call.read(), SSE_KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if message is grpc.aio.EOF:
+                return
+            if message.sequence > after:
+                yield frame(message)
+    except grpc.aio.AioRpcError as exc:
+        err = errors.from_rpc_error(exc)
+        yield f"event: error\ndata: {json.dumps({'error': {'code': err.code, 'message': err.message}})}\n\n".encode()
+    finally:
+        call.cancel()
+
+
+async def _read_submission(request: Request, max_upload_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # Base64 is a third larger than the bytes it carries; allow for it and the other fields.
+    limit = max_upload_bytes * 4 // 3 + 64 * 1024
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"image: upload over the limit of {max_upload_bytes:,} bytes")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"image: upload over the limit of {max_upload_bytes:,} bytes")
+    # Starlette's form parser reads a cached body when there is one, so the
+    # limited read above is what it parses.
+    request._body = bytes(body)  # noqa: SLF001
+
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=len(PARAMETER_FIELDS) + 1, max_part_size=1024)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "INVALID_ARGUMENT", "image: a file field named 'image' is required")
+        image = await upload.read()
+        fields = {k: v for k, v in form.items() if k != "image"}
+    elif content_type == "application/json":
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "INVALID_ARGUMENT", "body: not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "INVALID_ARGUMENT", "body: must be a JSON object")
+        encoded = payload.pop("image_base64", None)
+        if not isinstance(encoded, str) or not encoded:
+            raise ApiError(400, "INVALID_ARGUMENT", "image_base64: is required (the picture, base64-encoded)")
+        try:
+            image = await asyncio.to_thread(base64.b64decode, encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "INVALID_ARGUMENT", "image_base64: not valid base64") from None
+        fields = payload
+    else:
+        raise ApiError(
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"body: send multipart/form-data (file field 'image') or application/json (image_base64), "
+            f"not {content_type or 'no content type'}",
+        )
+    if len(image) > max_upload_bytes:
+        raise ApiError(413, "PAYLOAD_TOO_LARGE", f"image: {len(image):,} bytes, over the limit of {max_upload_bytes:,}")
+    if not image:
+        raise ApiError(400, "INVALID_ARGUMENT", "image: is empty")
+    unknown = sorted(set(fields) - set(PARAMETER_FIELDS))
+    if unknown:
+        raise ApiError(400, "INVALID_ARGUMENT", f"{unknown[0]}: unknown field")
+    return image, fields
+
+
+def _generate_request(image: bytes, fields: dict[str, Any], idempotency_key: str | None) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(image=image)
+    for name in INT_FIELDS:
+        if fields.get(name) is not None and fields.get(name) != "":
+            value = _as_int(name, fields[name])
+            limit = 2**64 - 1 if name == "seed" else 2**31 - 1
+            low = 0 if name == "seed" else -(2**31)
+            if not low <= value <= limit:
+                raise ApiError(400, "INVALID_ARGUMENT", f"{name}: {value} is out of range")
+            setattr(request, name, value)
+    for name in FLOAT_FIELDS:
+        if fields.get(name) is not None and fields.get(name) != "":
+            setattr(request, name, _as_float(name, fields[name]))
+    if fields.get("texture") is not None and fields.get("texture") != "":
+        request.texture = _as_bool("texture", fields["texture"])
+    if fields.get("format"):
+        request.format = _enum("format", fields["format"], views.FORMAT_VALUES)
+    if fields.get("remove_background"):
+        request.remove_background = _enum("remove_background", fields["remove_background"], views.BACKGROUND_VALUES)
+    if fields.get("backend"):
+        request.backend = _as_str("backend", fields["backend"])
+    request_id = _as_str("request_id", fields["request_id"]) if fields.get("request_id") else ""
+    if idempotency_key:
+        if request_id and request_id != idempotency_key:
+            raise ApiError(400, "INVALID_ARGUMENT", "request_id: differs from the Idempotency-Key header")
+        request_id = idempotency_key
+    request.request_id = request_id
+    return request
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be a whole number, got {str(value)[:40]!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be a number, got {str(value)[:40]!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be a finite number")
+    return number
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "on", "yes", "false", "0", "off", "no"):
+        return value.strip().lower() in ("true", "1", "on", "yes")
+    raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be true or false, got {str(value)[:40]!r}")
+
+
+def _as_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be a string")
+    return value
+
+
+def _enum(name: str, value: Any, allowed: dict[str, int]) -> int:
+    text = _as_str(name, value).strip().lower()
+    if text not in allowed:
+        raise ApiError(400, "INVALID_ARGUMENT", f"{name}: must be one of {', '.join(allowed)}, got {str(value)[:40]!r}")
+    return allowed[text]

@@ -1,0 +1,55 @@
+"""Admission: what a picture must pass before a job is accepted.
+
+image_loading runs here, synchronously with the submit call, so that a
+picture that is not a picture, is too big, or has nothing in it is answered
+with INVALID_ARGUMENT at once instead of becoming a failed job later. The
+decoded picture is handed to the queue, so it is never decoded twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from services.common.errors import InvalidArgument
+from services.generation.pipeline.image_loading import load_image
+from services.generation.pipeline.params import MAX_IMAGE_BYTES
+from services.generation.pipeline.records import LoadedImage
+
+# Below this spread of colour values (0-255) a picture is one flat colour.
+FLAT_COLOUR_STD = 1.0
+
+
+class Admission:
+    def __init__(self, threads: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="admission")
+
+    async def load(self, data: bytes) -> tuple[LoadedImage, float]:
+        """Decode and check the picture; return it with the seconds image_loading took."""
+        if not data:
+            raise InvalidArgument("image", "is required (the encoded picture's bytes)")
+        if len(data) > MAX_IMAGE_BYTES:
+            raise InvalidArgument(
+                "image", f"is {len(data):,} bytes, over the limit of {MAX_IMAGE_BYTES:,} bytes (20 MiB)"
+            )
+        started = time.perf_counter()
+        loaded = await asyncio.get_running_loop().run_in_executor(self._pool, _load_and_check, data)
+        return loaded, time.perf_counter() - started
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _load_and_check(data: bytes) -> LoadedImage:
+    loaded = load_image(data)
+    rgba = loaded.rgba
+    step = max(1, max(rgba.shape[:2]) // 256)
+    thumb = rgba[::step, ::step]
+    if loaded.has_alpha and int(thumb[..., 3].max()) == 0:
+        raise InvalidArgument("image", "is fully transparent: there is nothing to reconstruct")
+    visible = thumb[..., :3][thumb[..., 3] > 0] if loaded.has_alpha else thumb[..., :3].reshape(-1, 3)
+    if not loaded.has_alpha and float(np.asarray(visible, dtype=np.float32).std(axis=0).max()) < FLAT_COLOUR_STD:
+        raise InvalidArgument("image", "is a single flat colour: no foreground found to reconstruct")
+    return loaded

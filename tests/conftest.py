@@ -1,0 +1,56 @@
+"""The real stack, started once per test session on free loopback ports."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from pb.orfeas.generation.v1 import generation_pb2_grpc
+from services.stack import Stack, free_port
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def new_stack(tmp: Path, name: str, **extra_env: str) -> Stack:
+    log_dir = ARTIFACTS / "logs" / name
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return Stack(
+        gateway_port=free_port(),
+        generation_port=free_port(),
+        telemetry_port=free_port(),
+        generation_metrics_port=free_port(),
+        telemetry_metrics_port=free_port(),
+        data_dir=tmp / name,
+        extra_env={"GENERATION_DEVICE_SAMPLE_INTERVAL_S": "1", **extra_env},
+        log_dir=log_dir,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = new_stack(tmp_path_factory.mktemp("stack"), "session")
+    s.start_all()
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture(scope="session")
+def generation_stub(stack: Stack) -> Iterator[generation_pb2_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(stack.generation_address) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.gateway_url, timeout=60.0) as client:
+        yield client
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
