@@ -17,22 +17,21 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import errors, views
 from gateway.errors import ApiError
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
-from services.common.config import GatewayConfig
+from gateway.auth import BearerTokenMiddleware
+from services.common.config import GatewayConfig, SecurityConfig
+from services.common.grpc_security import create_channel
 
 log = logging.getLogger("gateway")
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 TELEMETRY_SERVICE = "orfeas.telemetry.v1.TelemetryService"
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-    ("grpc.max_send_message_length", 32 * 1024 * 1024),
-]
 SSE_KEEPALIVE_S = 15.0
 
 INT_FIELDS = ("seed", "resolution", "steps", "face_count", "texture_size")
@@ -71,8 +70,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        generation_channel = grpc.aio.insecure_channel(config.generation_address, options=CHANNEL_OPTIONS)
-        telemetry_channel = grpc.aio.insecure_channel(config.telemetry_address, options=CHANNEL_OPTIONS)
+        security = SecurityConfig.from_env()
+        generation_channel = create_channel(config.generation_address, security)
+        telemetry_channel = create_channel(config.telemetry_address, security)
         app.state.generation = pb_grpc.GenerationServiceStub(generation_channel)
         app.state.generation_health = health_pb2_grpc.HealthStub(generation_channel)
         app.state.telemetry_channel = telemetry_channel
@@ -89,7 +89,20 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     )
     app.state.config = config
     errors.install(app)
+    if config.auth_token:
+        app.add_middleware(BearerTokenMiddleware, token=config.auth_token)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     _routes(app, config)
+    from gateway.metrics import install_metrics
+
+    install_metrics(app)
+    from gateway.studio import mount_studio
+
+    mount_studio(app)
     return app
 
 
@@ -248,7 +261,8 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
 
         async def body() -> AsyncIterator[bytes]:
             yield first.data
-            async for chunk in call:
+            # read() once used, the call cannot be iterated: read on to the end.
+            while (chunk := await call.read()) is not grpc.aio.EOF:
                 yield chunk.data
 
         return StreamingResponse(
@@ -330,7 +344,10 @@ async def _read_submission(request: Request, max_upload_bytes: int) -> tuple[byt
     request._body = bytes(body)  # noqa: SLF001
 
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=len(PARAMETER_FIELDS) + 1, max_part_size=1024)
+        try:
+            form = await request.form(max_files=1, max_fields=len(PARAMETER_FIELDS) + 1, max_part_size=1024)
+        except StarletteHTTPException as exc:
+            raise ApiError(400, "INVALID_ARGUMENT", f"body: malformed multipart form: {exc.detail}") from None
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "INVALID_ARGUMENT", "image: a file field named 'image' is required")

@@ -82,6 +82,11 @@ def install(app) -> None:  # noqa: ANN001 - FastAPI app
         return error_response(400, "INVALID_ARGUMENT", f"{field or 'request'}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "ERROR")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"path: no such resource: {request.url.path[:200]}"
+        elif exc.status_code == 405:
+            message = f"method: {request.method} is not allowed on {request.url.path[:200]}"
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))

@@ -17,6 +17,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.config import SecurityConfig
+from services.common.grpc_security import sync_channel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MODULES: dict[str, str] = {
@@ -109,7 +112,10 @@ class Stack:
             except OSError:
                 return False
         port = self.generation_port if name == "generation" else self.telemetry_port
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        security = SecurityConfig(
+            tls_ca=self.env().get("ORFEAS_TLS_CA", ""), service_token=self.env().get("ORFEAS_SERVICE_TOKEN", "")
+        )
+        with sync_channel(f"127.0.0.1:{port}", security) as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:

@@ -162,7 +162,7 @@ def test_upload_over_the_limit_is_413(http):
 
 def test_unknown_ids_and_missing_results(http):
     assert_error(http.get("/api/v1/generations/" + "0" * 32), 404, "NOT_FOUND")
-    assert_error(http.get("/api/v1/generations/..%2F..%2Fetc"), 400, "INVALID_ARGUMENT", "id")
+    assert_error(http.get("/api/v1/generations/..%2F..%2Fetc"), 404, "NOT_FOUND", "path")
     assert_error(http.get("/api/v1/generations/" + "a" * 300), 400, "INVALID_ARGUMENT", "id")
     assert_error(http.get("/api/v1/generations/" + "0" * 32 + "/events"), 404, "NOT_FOUND")
     assert_error(http.get("/api/v1/generations/" + "0" * 32 + "/result"), 404, "NOT_FOUND")

@@ -32,6 +32,27 @@ def _from_env(cls: type[T], prefix: str = "") -> T:
     return cls(**values)
 
 
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Between the services. Environment: ORFEAS_<FIELD>.
+
+    service_token: a shared secret every gRPC call between the services (and
+    from grpcurl) carries as `authorization: Bearer <token>`; empty means none.
+    tls_cert / tls_key: PEM files that turn the gRPC servers to TLS.
+    tls_ca: the PEM bundle clients trust for the servers' certificates;
+    setting it turns the clients to TLS.
+    """
+
+    service_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    @staticmethod
+    def from_env() -> "SecurityConfig":
+        return _from_env(SecurityConfig, "ORFEAS_")
+
+
 def _data_dir() -> Path:
     return Path(os.environ.get("DATA_DIR", "data")).resolve()
 
@@ -52,11 +73,18 @@ class GenerationConfig:
     # memory) a batch may use.
     target_utilization: float = 0.85
     cpu_memory_share: float = 0.5
-    # Artificial memory limit in MiB for testing the out-of-memory path on the
-    # CPU; 0 means none.
+    # An injected device capacity in MiB: a batch whose modelled footprint is
+    # larger fails as if the allocator had run out of memory. It exercises the
+    # out-of-memory path on the CPU, where Linux overcommits instead of
+    # failing an allocation. 0 means none.
     memory_limit_mb: int = 0
     grace_period_s: float = 20.0
     max_attempts: int = 2
+    # Retention: finished jobs and their files expire after this long, and the
+    # oldest go first whenever the result files exceed the disk budget.
+    retention_s: float = 7 * 24 * 3600.0
+    artifact_budget_mb: int = 10_240
+    retention_interval_s: float = 60.0
     device_sample_interval_s: float = 5.0
     # Prometheus metrics over HTTP on this port (0: off).
     metrics_port: int = 9101
@@ -102,6 +130,10 @@ class GatewayConfig:
     generation_address: str = "127.0.0.1:50051"
     telemetry_address: str = "127.0.0.1:50052"
     max_upload_bytes: int = 20 * 1024 * 1024
+    # When set, every /api/ call must carry `Authorization: Bearer <auth_token>`.
+    auth_token: str = ""
+    # Comma-separated origins allowed by CORS; empty (the default) means CORS is off.
+    cors_origins: str = ""
     log_level: str = "INFO"
 
     @staticmethod

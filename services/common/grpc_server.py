@@ -70,13 +70,18 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                stream = inner_us(request, context)
                 try:
-                    async for item in inner_us(request, context):
+                    async for item in stream:
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, exc, method)
+                finally:
+                    # Close the servicer's generator now (not whenever it is
+                    # collected), so its clean-up sees a cancelled call at once.
+                    await stream.aclose()
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

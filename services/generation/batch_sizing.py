@@ -1,68 +1,93 @@
-"""How many jobs go into one batch.
+"""How many jobs go into one batch, and what the optimizer is told afterwards.
 
-The telemetry service's optimizer decides (it learns the per-item memory
-cost from measured peaks); when it does not answer within its deadline, the
-local rule here decides instead: the free memory budget divided by the
-backend's modelled per-item cost, never more than the queue holds nor the
-configured maximum.
+The telemetry service's optimizer decides: it learns the per-item memory
+cost from the peaks reported here. When it does not answer within its short
+deadline, the TelemetryClient's local conservative rule decides instead. On
+top of either, a size that ran out of memory here is never tried again for
+the same batch key, even before the optimizer has heard of it.
 """
 from __future__ import annotations
 
 import psutil
 import torch
 
-from services.generation.backends.registry import get_backend
 from services.generation.pipeline.params import GenerationParams
+from services.generation.telemetry_client import BatchOutcome, TelemetryClient
 from services.generation.worker import BatchDecision
 
 
-def free_memory_bytes(device: torch.device, cpu_memory_share: float) -> int:
+def memory_snapshot(device: torch.device, cpu_memory_share: float) -> tuple[int, int, int]:
+    """(free, total, used) bytes of the memory a batch may use on this device.
+
+    On the CPU the budget is a configurable share of system memory.
+    """
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return int(psutil.virtual_memory().available * cpu_memory_share)
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total), int(total - free)
+    vm = psutil.virtual_memory()
+    total = int(vm.total * cpu_memory_share)
+    free = int(vm.available * cpu_memory_share)
+    return free, total, max(0, total - free)
 
 
-class LocalBatchSizer:
+class OptimizerBatchSizer:
     def __init__(
         self,
+        telemetry: TelemetryClient,
         device: torch.device,
+        worker_id: str,
         max_batch_size: int,
-        target_utilization: float,
         cpu_memory_share: float,
-        memory_limit_bytes: int = 0,
     ) -> None:
+        self.telemetry = telemetry
         self.device = device
+        self.worker_id = worker_id
         self.max_batch_size = max_batch_size
-        self.target_utilization = target_utilization
         self.cpu_memory_share = cpu_memory_share
-        self.memory_limit_bytes = memory_limit_bytes
-        # Sizes that ran out of memory, per batch key: never try them again.
         self._oom_ceiling: dict[tuple[str, int, int], int] = {}
-
-    def available_bytes(self) -> int:
-        free = free_memory_bytes(self.device, self.cpu_memory_share)
-        if self.memory_limit_bytes:
-            free = min(free, self.memory_limit_bytes)
-        return free
+        self._last: dict[tuple[str, int, int], tuple[int, int]] = {}  # key -> (decision id, free bytes)
 
     async def decide(self, queue_length: int, params: GenerationParams, image_size: tuple[int, int]) -> BatchDecision:
-        return self.decide_now(queue_length, params, source="local")
-
-    def decide_now(self, queue_length: int, params: GenerationParams, source: str) -> BatchDecision:
-        item = get_backend(params.backend).estimate_item_bytes(params.resolution, params.steps)
-        available = self.available_bytes()
-        by_memory = int(available * self.target_utilization // max(1, item))
-        ceiling = self._oom_ceiling.get(params.batch_key(), self.max_batch_size)
-        size = max(1, min(by_memory, self.max_batch_size, ceiling, max(1, queue_length)))
-        reasoning = (
-            f"available {available / 2**20:.0f} MB, {item / 2**20:.0f} MB per item at "
-            f"{params.resolution}², target {self.target_utilization:.0%} → {by_memory}; "
-            f"queue {queue_length}, max {min(self.max_batch_size, ceiling)} → {size}"
+        key = params.batch_key()
+        free, total, used = memory_snapshot(self.device, self.cpu_memory_share)
+        ceiling = min(self.max_batch_size, self._oom_ceiling.get(key, self.max_batch_size))
+        decision = await self.telemetry.recommend_batch_size(
+            backend=params.backend,
+            resolution=params.resolution,
+            steps=params.steps,
+            queue_length=queue_length,
+            free_memory_bytes=free,
+            total_memory_bytes=total,
+            used_memory_bytes=used,
+            image_width=image_size[0],
+            image_height=image_size[1],
+            max_batch_size=ceiling,
+            worker_id=self.worker_id,
+            device=str(self.device),
         )
-        return BatchDecision(size=size, reasoning=reasoning, source=source)
+        self._last[key] = (decision.decision_id, free)
+        size = max(1, min(decision.size, ceiling, max(1, queue_length)))
+        reasoning = decision.reasoning
+        if size != decision.size:
+            reasoning += f"; capped here at {size} (queue {queue_length}, out-of-memory ceiling {ceiling})"
+        return BatchDecision(size=size, reasoning=reasoning, source=decision.source)
 
     def record_outcome(self, params: GenerationParams, size: int, peak_bytes: int, out_of_memory: bool) -> None:
+        key = params.batch_key()
         if out_of_memory:
-            key = params.batch_key()
             self._oom_ceiling[key] = max(1, min(self._oom_ceiling.get(key, size), size // 2 or 1))
+        decision_id, free = self._last.get(key, (0, 0))
+        self.telemetry.report_batch_outcome(
+            BatchOutcome(
+                backend=params.backend,
+                resolution=params.resolution,
+                steps=params.steps,
+                batch_size=size,
+                peak_memory_bytes=peak_bytes,
+                out_of_memory=out_of_memory,
+                available_bytes=free,
+                decision_id=decision_id,
+                worker_id=self.worker_id,
+                device=str(self.device),
+            )
+        )

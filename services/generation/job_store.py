@@ -36,6 +36,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS expired (
+    id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    expired_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -164,11 +169,24 @@ class JobStore:
         ).fetchall()
         return [r["id"] for r in rows]
 
-    def delete(self, job_id: str) -> None:
+    def finished_oldest_first(self) -> list[tuple[str, float]]:
+        rows = self._db.execute(
+            "SELECT id, finished_at FROM jobs WHERE status IN ('succeeded','failed','cancelled')"
+            " ORDER BY finished_at, id"
+        ).fetchall()
+        return [(r["id"], r["finished_at"]) for r in rows]
+
+    def expire(self, job_id: str, reason: str, at: float) -> None:
+        """Delete a job's record and events, leaving a tombstone that says why."""
         self._db.execute("BEGIN")
         self._db.execute("DELETE FROM events WHERE job_id=?", (job_id,))
         self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        self._db.execute("INSERT OR REPLACE INTO expired (id, reason, expired_at) VALUES (?,?,?)", (job_id, reason, at))
         self._db.execute("COMMIT")
+
+    def tombstone(self, job_id: str) -> tuple[str, float] | None:
+        row = self._db.execute("SELECT reason, expired_at FROM expired WHERE id=?", (job_id,)).fetchone()
+        return (row["reason"], row["expired_at"]) if row else None
 
     # events ---------------------------------------------------------------
     def append_event(self, job_id: str, seq: int, data: bytes) -> None:

@@ -23,7 +23,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.generation import convert
-from services.generation.artifacts import CONTENT_TYPES, FILE_NAMES, ArtifactStore, check_job_id, sha256
+from services.generation.artifacts import CONTENT_TYPES, FILE_NAMES, ArtifactStore, check_job_id
 from services.generation.job_store import JobRecord, JobStore
 from services.generation.pipeline.params import GenerationParams
 from services.generation.pipeline.records import LoadedImage
@@ -98,6 +98,7 @@ class JobManager:
             job = self._load_live(record)
             self._live[job.id] = job
             self._queue.append(job.id)
+            self._watch_deadline(job)
             counts["requeued"] += 1
         if self._queue:
             self._queue_changed.set()
@@ -172,6 +173,7 @@ class JobManager:
         self._queue.append(record.id)
         self._queue_changed.set()
         self._append(job, kind=pb.EVENT_KIND_QUEUED, queue_position=len(self._queue))
+        self._watch_deadline(job)
         return record
 
     def get(self, job_id: str) -> tuple[JobRecord, int]:
@@ -179,6 +181,11 @@ class JobManager:
         live = self._live.get(job_id)
         record = live.record if live else self.store.get(job_id)
         if record is None:
+            tombstone = self.store.tombstone(job_id)
+            if tombstone is not None:
+                reason, at = tombstone
+                when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+                raise NotFound(f"generation {job_id} expired at {when} ({reason}); its record and files are gone")
             raise NotFound(f"generation {job_id} not found")
         return record, self.queue_position(job_id)
 
@@ -231,15 +238,18 @@ class JobManager:
             if pending[-1].kind == pb.EVENT_KIND_TERMINAL:
                 return
 
-    def read_result(self, job_id: str, fmt: str | None) -> tuple[bytes, str, str, str]:
-        """(file bytes, content type, file name, sha256), the checksum verified."""
+    def result_file(self, job_id: str, fmt: str | None) -> tuple[str, str, str, str]:
+        """(format, content type, file name, expected sha256) of a finished job's result."""
         record, _ = self.get(job_id)
         if record.status != "succeeded" or record.result is None:
             raise FailedPrecondition(f"generation {job_id} has no result (status {record.status})")
         fmt = fmt or record.params["format"]
-        expected = record.result["sha256"][fmt]
-        data = self.artifacts.read_result(job_id, fmt, expected)
-        return data, CONTENT_TYPES[fmt], f"{job_id}.{FILE_NAMES[fmt].split('.', 1)[1]}", expected
+        extension = FILE_NAMES[fmt].split(".", 1)[1]
+        return fmt, CONTENT_TYPES[fmt], f"{job_id}.{extension}", record.result["sha256"][fmt]
+
+    def read_result(self, job_id: str, fmt: str, expected_sha256: str) -> bytes:
+        """The file's bytes, its checksum verified. Touches only the disk, so it may run in a thread."""
+        return self.artifacts.read_result(job_id, fmt, expected_sha256)
 
     def counts(self) -> dict[str, int]:
         return {"queued": len(self._queue), "live": len(self._live)}
@@ -252,6 +262,12 @@ class JobManager:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def head_image_size(self) -> tuple[int, int]:
+        if not self._queue:
+            return (0, 0)
+        loaded = self._live[self._queue[0]].loaded
+        return loaded.size if loaded is not None else (0, 0)
+
     async def wait_for_work(self) -> LiveJob:
         """The job at the head of the queue, waiting until there is one (not removed)."""
         while True:
@@ -261,29 +277,36 @@ class JobManager:
             self._queue_changed.clear()
             await self._queue_changed.wait()
 
-    async def take_batch(self, size: int, max_delay_s: float) -> list[LiveJob]:
-        """Remove and return up to `size` queued jobs compatible with the head.
+    async def batch_window(self, max_size: int, max_delay_s: float) -> tuple[GenerationParams, int]:
+        """Wait for a batch to fill: the head's parameters and how many compatible jobs wait.
 
-        Waits up to max_delay_s for compatible jobs to fill the batch, the
-        dynamic batcher's queue delay.
+        Returns as soon as max_size compatible jobs are queued, or when
+        max_delay_s has passed since the head was found (the dynamic
+        batcher's queue delay), whichever comes first.
         """
         head = await self.wait_for_work()
         key = head.params.batch_key()
         give_up_at = time.monotonic() + max_delay_s
         while True:
-            compatible = [j for j in self._queue if self._live[j].params.batch_key() == key]
+            waiting = sum(1 for j in self._queue if self._live[j].params.batch_key() == key)
             remaining = give_up_at - time.monotonic()
-            if len(compatible) >= size or remaining <= 0:
-                break
+            if waiting >= max_size or remaining <= 0 or head.id not in self._queue:
+                return head.params, max(1, waiting)
             self._queue_changed.clear()
             try:
                 await asyncio.wait_for(self._queue_changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
+
+    async def take_batch(self, params: GenerationParams, size: int) -> list[LiveJob]:
+        """Remove and return up to `size` queued jobs that can share a batch with `params`, oldest first."""
         await self._drop_expired()
+        key = params.batch_key()
         chosen = [j for j in self._queue if self._live[j].params.batch_key() == key][:size]
         for job_id in chosen:
             self._queue.remove(job_id)
+        if chosen:
+            self._queue_changed.set()
         return [self._live[j] for j in chosen]
 
     def requeue(self, jobs: list[LiveJob]) -> None:
@@ -347,6 +370,14 @@ class JobManager:
         if job_id in self._queue:
             self._queue.remove(job_id)
             self._queue_changed.set()
+
+    def _watch_deadline(self, job: LiveJob) -> None:
+        """End the job when its deadline passes while it is still queued, even if the worker is busy."""
+        if job.record.deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, job.record.deadline - time.time())
+        loop.call_later(delay, lambda: loop.create_task(self._drop_expired()))
 
     async def _drop_expired(self) -> None:
         """A job whose deadline passed in the queue is never started."""

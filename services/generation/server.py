@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import torch
 
 from pb.orfeas.generation.v1 import generation_pb2
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
-from services.common.config import GenerationConfig
+from services.common.config import GenerationConfig, SecurityConfig
+from services.common.grpc_security import bind, server_interceptors
 from services.common.grpc_server import create_server, serve_until_signalled, set_serving
 from services.common.logging_setup import setup_logging
 from services.generation.admission import Admission
 from services.generation.artifacts import ArtifactStore
-from services.generation.batch_sizing import LocalBatchSizer
+from services.generation.batch_sizing import OptimizerBatchSizer
+from services.generation.device_monitor import DeviceSampler
+from services.generation.profile_reporting import TelemetryProfileSink
+from services.generation.telemetry_client import TelemetryClient
 from services.generation.job_store import JobStore
 from services.generation.jobs import JobManager
+from services.generation.retention import RetentionSweeper
 from services.generation.servicer import GenerationServicer
 from services.generation.worker import BatchWorker, MemoryBudget
 
@@ -39,32 +45,43 @@ async def serve(config: GenerationConfig) -> None:
     manager = JobManager(store, artifacts, config.queue_limit, config.max_attempts)
     recovered = manager.recover()
     memory_limit = config.memory_limit_mb * 2**20
-    sizer = LocalBatchSizer(
-        device, config.max_batch_size, config.target_utilization, config.cpu_memory_share, memory_limit
-    )
+    worker_id = f"{socket.gethostname()}:{config.port}:{device}"
+    telemetry = TelemetryClient(config.telemetry_address, target_utilization=config.target_utilization)
+    await telemetry.start()
+    sampler = DeviceSampler(worker_id, telemetry.report_device_sample, config.device_sample_interval_s)
+    await sampler.start()
+    sizer = OptimizerBatchSizer(telemetry, device, worker_id, config.max_batch_size, config.cpu_memory_share)
     worker = BatchWorker(
         manager,
         artifacts,
         sizer,
         device,
         config.max_queue_delay_ms,
+        config.max_batch_size,
         MemoryBudget(memory_limit),
+        profiles=TelemetryProfileSink(telemetry, worker_id),
     )
     admission = Admission()
 
-    server, health = create_server([SERVICE_NAME])
+    security = SecurityConfig.from_env()
+    server, health = create_server([SERVICE_NAME], server_interceptors(security))
     pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(manager, admission), server)
     address = f"{config.host}:{config.port}"
-    server.add_insecure_port(address)
+    bind(server, address, security)
     await server.start()
     worker.start()
+    sweeper = RetentionSweeper(store, artifacts, config.retention_s, config.artifact_budget_mb * 2**20)
+    sweeping = asyncio.create_task(sweeper.run_forever(config.retention_interval_s))
     await set_serving(health, [SERVICE_NAME], True)
     log.info("serving", extra={"address": address, "device": str(device), "recovered": recovered})
 
     async def on_stop() -> None:
+        sweeping.cancel()
         await set_serving(health, [SERVICE_NAME], False)
         await worker.stop(config.grace_period_s)
         admission.close()
+        await sampler.close()
+        await telemetry.close()
 
     await serve_until_signalled(server, on_stop=on_stop, grace_s=config.grace_period_s)
     store.close()

@@ -35,15 +35,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         remaining = context.time_remaining()
         call_deadline = time.time() + remaining if remaining is not None else None
         record = await self._submit(request, call_deadline=call_deadline)
+        ended = False
         try:
             async for event in self.manager.watch(record.id):
                 yield event
-        except asyncio.CancelledError:
-            # The client went away. The job goes on (it can be watched again)
-            # unless the request asked for it to be cancelled with the call.
-            if request.cancel_on_disconnect:
-                await self.manager.cancel(record.id)
-            raise
+            ended = True
+        finally:
+            # The client went away (the generator is cancelled or closed). The
+            # job goes on, and can be watched again, unless the request asked
+            # for it to end with the call.
+            if not ended and request.cancel_on_disconnect:
+                asyncio.get_running_loop().create_task(self.manager.cancel(record.id))
 
     async def GetGeneration(self, request: pb.GetGenerationRequest, context: grpc.aio.ServicerContext) -> pb.Generation:
         record, position = self.manager.get(request.id)
@@ -78,10 +80,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.ResultChunk]:
         if request.format and request.format not in convert.FORMAT_NAME:
             raise InvalidArgument("format", f"unknown format value {request.format}")
+        fmt, content_type, filename, digest = self.manager.result_file(
+            request.id, convert.FORMAT_NAME.get(request.format)
+        )
         try:
-            data, content_type, filename, digest = await asyncio.to_thread(
-                self.manager.read_result, request.id, convert.FORMAT_NAME.get(request.format)
-            )
+            data = await asyncio.to_thread(self.manager.read_result, request.id, fmt, digest)
         except ChecksumMismatch as exc:
             raise DataLoss(f"the stored result is damaged ({exc}); generate it again") from None
         for offset in range(0, max(1, len(data)), CHUNK_BYTES):

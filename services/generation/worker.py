@@ -83,6 +83,7 @@ class JobProfile:
     image_size: tuple[int, int]
     resolution: int
     steps: int
+    face_count: int
     started_at: float
     stages: list[StageRun] = field(default_factory=list)
     succeeded: bool = False
@@ -127,6 +128,7 @@ class BatchWorker:
         sizer: BatchSizer,
         device: torch.device,
         max_queue_delay_ms: float,
+        max_batch_size: int,
         memory: MemoryBudget,
         profiles: ProfileSink | None = None,
         cpu_threads: int = 2,
@@ -136,6 +138,7 @@ class BatchWorker:
         self.sizer = sizer
         self.device = device
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_batch_size = max_batch_size
         self.memory = memory
         self.profiles = profiles
         self._cpu = ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-stage")
@@ -176,15 +179,19 @@ class BatchWorker:
     # --- preparing -----------------------------------------------------------
     async def _preparing_loop(self) -> None:
         while not self._stopping:
-            head = await self.manager.wait_for_work()
-            params = head.params
-            image_size = head.loaded.size if head.loaded is not None else (0, 0)
-            decision = await self.sizer.decide(self.manager.queue_length, params, image_size)
+            params, waiting = await self.manager.batch_window(self.max_batch_size, self.max_queue_delay_s)
+            head_size = self.manager.head_image_size()
+            decision = await self.sizer.decide(waiting, params, head_size)
             log.info(
                 "batch size decision",
-                extra={"batch_size": decision.size, "reasoning": decision.reasoning, "source": decision.source},
+                extra={
+                    "batch_size": decision.size,
+                    "waiting": waiting,
+                    "reasoning": decision.reasoning,
+                    "source": decision.source,
+                },
             )
-            batch = await self.manager.take_batch(decision.size, self.max_queue_delay_s)
+            batch = await self.manager.take_batch(params, decision.size)
             if not batch:
                 continue
             prepared = await asyncio.gather(*(self._prepare(job, len(batch)) for job in batch))
@@ -203,6 +210,7 @@ class BatchWorker:
             image_size=(0, 0),
             resolution=params.resolution,
             steps=params.steps,
+            face_count=params.face_count,
             started_at=job.record.created_at,
         )
         try:
@@ -234,6 +242,7 @@ class BatchWorker:
 
     async def _stage(self, job: LiveJob, profile: JobProfile, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         await self.manager.emit_stage(job, stage, "started", 0.0, 0.0)
+        offset = time.time() - profile.started_at
         started = time.perf_counter()
         try:
             result = await self._cpu_call(fn, *args, **kwargs)
@@ -241,7 +250,7 @@ class BatchWorker:
             await self.manager.emit_stage(job, stage, "failed", 0.0, time.perf_counter() - started)
             raise
         elapsed = time.perf_counter() - started
-        profile.stages.append(StageRun(stage, started - profile.started_at, elapsed))
+        profile.stages.append(StageRun(stage, offset, elapsed))
         await self.manager.emit_stage(job, stage, "completed", 1.0, elapsed)
         return result
 
@@ -269,6 +278,7 @@ class BatchWorker:
         params = batch[0].job.params
         backend = get_backend(params.backend)
         loop = asyncio.get_running_loop()
+        wall_start = time.time()
         started = time.perf_counter()
         for p in batch:
             await self.manager.emit_stage(p.job, "shape_generation", "started", 0.0, 0.0)
@@ -284,7 +294,7 @@ class BatchWorker:
             shape, peak_bytes, sub_batch = outcome
             p.profile.batch_size = sub_batch
             p.profile.stages.append(
-                StageRun("shape_generation", started - p.profile.started_at, elapsed, peak_bytes)
+                StageRun("shape_generation", wall_start - p.profile.started_at, elapsed, peak_bytes)
             )
             await self.manager.emit_stage(p.job, "shape_generation", "completed", 1.0, elapsed)
             task = asyncio.create_task(self._finish(p, shape))
@@ -366,8 +376,8 @@ class BatchWorker:
             second = await self._generate_shapes(batch[half:], backend, params, loop, started)
             return first + second
         self.sizer.record_outcome(params, len(batch), peak, out_of_memory=False)
-        per_item = peak // max(1, len(batch))
-        return [(shape, per_item, len(batch)) for shape in shapes]
+        # Each job's profile carries the whole batch's peak beside the batch size.
+        return [(shape, peak, len(batch)) for shape in shapes]
 
     # --- finishing ---------------------------------------------------------------
     async def _finish(self, p: _Prepared, shape: Shape) -> None:

@@ -26,7 +26,9 @@ MEMORY_TREND = {
 }
 
 
-def summary(s: Summary, backend: str, window: int, window_s: float, backends: list[str]) -> tpb.PerformanceSummary:
+def summary(
+    s: Summary, backend: str, window: tpb.Window, window_s: float, backends: list[str]
+) -> tpb.PerformanceSummary:
     return tpb.PerformanceSummary(
         backend=backend,
         window=window,
@@ -46,7 +48,9 @@ def summary(s: Summary, backend: str, window: int, window_s: float, backends: li
             )
             for st in s.stage_breakdown
         ],
-        bottlenecks=[tpb.Bottleneck(stage=b.stage, share=b.share, severity=SEVERITY[b.severity]) for b in s.bottlenecks],
+        bottlenecks=[
+            tpb.Bottleneck(stage=b.stage, share=b.share, severity=SEVERITY[b.severity]) for b in s.bottlenecks
+        ],
         backends=backends,
     )
 

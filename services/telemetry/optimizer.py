@@ -278,7 +278,11 @@ class BatchOptimizer:
             "out of memory" if outcome.out_of_memory else f"peak {_mb(outcome.peak_memory_bytes)} MB",
             _mb(after.per_item_bytes),
             after.detail,
-            extra={"event": "batch_outcome", "decision_id": outcome.decision_id, "out_of_memory": outcome.out_of_memory},
+            extra={
+                "event": "batch_outcome",
+                "decision_id": outcome.decision_id,
+                "out_of_memory": outcome.out_of_memory,
+            },
         )
         return after
 

@@ -6,8 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.telemetry.aggregates import BOTTLENECK_CRITICAL_SHARE, BOTTLENECK_WARNING_SHARE, percentile
-from services.telemetry.records import MIB, DeviceState, ProfileRecord, Recommendation, Summary
+from services.telemetry.aggregates import (
+    BOTTLENECK_CRITICAL_SHARE,
+    BOTTLENECK_WARNING_SHARE,
+    percentile,
+)
+from services.telemetry.records import (
+    MIB,
+    DeviceState,
+    ProfileRecord,
+    Recommendation,
+    Summary,
+)
 
 # The generation service's default steps; above it, steps are "high".
 REFERENCE_STEPS = 50

@@ -2,7 +2,9 @@
 
 Binds TELEMETRY_HOST:TELEMETRY_PORT (127.0.0.1:50052; port 0 picks a free one
 and the "listening" log line names it), keeps its SQLite database at
-DATA_DIR/telemetry.sqlite3, and stops cleanly on SIGTERM or SIGINT.
+DATA_DIR/telemetry.sqlite3, serves Prometheus metrics on
+TELEMETRY_METRICS_PORT (9102; 0 turns them off), honours the shared service
+token and TLS (ORFEAS_*), and stops cleanly on SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
@@ -10,9 +12,16 @@ import asyncio
 import logging
 import sys
 
+
 from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
-from services.common.config import TelemetryConfig
-from services.common.grpc_server import create_server, serve_until_signalled, set_serving
+from services.common import metrics
+from services.common.config import SecurityConfig, TelemetryConfig
+from services.common.grpc_security import bind, server_interceptors
+from services.common.grpc_server import (
+    create_server,
+    serve_until_signalled,
+    set_serving,
+)
 from services.common.logging_setup import setup_logging
 from services.telemetry.model import Telemetry
 from services.telemetry.servicer import SERVICE_NAME, TelemetryServicer
@@ -27,12 +36,16 @@ async def serve(config: TelemetryConfig) -> None:
     store = TelemetryStore(config.data_dir / DB_NAME)
     try:
         telemetry = Telemetry(store, config.window_s, config.target_utilization)
-        server, health = create_server([SERVICE_NAME])
+        security = SecurityConfig.from_env()
+        server, health = create_server(
+            [SERVICE_NAME], [*server_interceptors(security), metrics.MetricsInterceptor("telemetry")]
+        )
         telemetry_pb2_grpc.add_TelemetryServiceServicer_to_server(TelemetryServicer(telemetry), server)
         address = f"{config.host}:{config.port}"
-        port = server.add_insecure_port(address)
+        port = bind(server, address, security)
         if port == 0:
             raise RuntimeError(f"cannot bind {address}")
+        metrics.start_metrics_server(config.host, config.metrics_port)
         await server.start()
         await set_serving(health, [SERVICE_NAME], True)
         log.info(

@@ -358,9 +358,14 @@ class TelemetryStore:
             sql += " WHERE backend = ?"
             args = (backend,)
         rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [
-            DecisionRecord(*row[:19], out_of_memory=None if row[19] is None else bool(row[19])) for row in rows
-        ]
+        names = [n.strip() for n in _DECISION_COLUMNS.split(",")]
+        decisions = []
+        for row in rows:
+            values = dict(zip(names, row, strict=True))
+            if values["out_of_memory"] is not None:
+                values["out_of_memory"] = bool(values["out_of_memory"])
+            decisions.append(DecisionRecord(**values))
+        return decisions
 
     def decision_count(self, backend: str = "") -> int:
         if backend:
@@ -369,7 +374,7 @@ class TelemetryStore:
 
     # ------------------------------------------------------------ plumbing
 
-    def _transaction(self) -> "_Transaction":
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
 

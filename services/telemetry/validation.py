@@ -84,7 +84,8 @@ def profile(path: str, msg: tpb.PipelineProfile) -> ProfileRecord:
         raise InvalidArgument(f"{path}.started_at", f"must be unix seconds greater than 0, got {started:g}")
     precision = msg.precision
     if precision not in PRECISIONS:
-        raise InvalidArgument(f"{path}.precision", f"must be one of {', '.join(p or '(empty)' for p in PRECISIONS)}, got {precision!r}")
+        allowed = ", ".join(p or "(empty)" for p in PRECISIONS)
+        raise InvalidArgument(f"{path}.precision", f"must be one of {allowed}, got {precision!r}")
     if len(msg.stages) > MAX_STAGES:
         raise InvalidArgument(f"{path}.stages", f"at most {MAX_STAGES} stages, got {len(msg.stages)}")
     stages: list[StageRecord] = []
@@ -141,10 +142,9 @@ def device_sample(path: str, msg: tpb.DeviceSample) -> DeviceSampleRecord:
     total = memory_bytes(f"{path}.memory_total_bytes", msg.memory_total_bytes)
     used = memory_bytes(f"{path}.memory_used_bytes", msg.memory_used_bytes)
     free = memory_bytes(f"{path}.memory_free_bytes", msg.memory_free_bytes)
-    if used > total:
-        raise InvalidArgument(f"{path}.memory_used_bytes", f"must be at most memory_total_bytes ({total:,}), got {used:,}")
-    if free > total:
-        raise InvalidArgument(f"{path}.memory_free_bytes", f"must be at most memory_total_bytes ({total:,}), got {free:,}")
+    for name, value in (("memory_used_bytes", used), ("memory_free_bytes", free)):
+        if value > total:
+            raise InvalidArgument(f"{path}.{name}", f"must be at most memory_total_bytes ({total:,}), got {value:,}")
     util = _optional(msg, "utilization_percent")
     temp = _optional(msg, "temperature_c")
     power = _optional(msg, "power_w")

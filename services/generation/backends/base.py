@@ -50,8 +50,12 @@ def report(progress: ProgressCallback | None, fraction: float) -> None:
         progress(min(1.0, max(0.0, fraction)))
 
 
-def ensure_memory_fits(needed_bytes: int, device: torch.device) -> None:
-    """Refuse up front a batch that cannot fit, rather than die half-way through it."""
+def ensure_memory_fits(batch_size: int, item_bytes: int, device: torch.device) -> None:
+    """Refuse up front a batch that cannot fit, rather than die half-way through it.
+
+    A batch too big as a whole raises MemoryError (the caller can split it and retry); one item
+    that cannot fit even alone is ResourceExhausted.
+    """
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         # The caching allocator may hold freed blocks that mem_get_info counts as used.
@@ -60,8 +64,13 @@ def ensure_memory_fits(needed_bytes: int, device: torch.device) -> None:
         import psutil
 
         free_bytes = psutil.virtual_memory().available
-    if needed_bytes > free_bytes:
+    if item_bytes > free_bytes:
         raise ResourceExhausted(
-            f"shape generation needs about {needed_bytes / 2**20:.0f} MiB on {device.type}, "
-            f"only {free_bytes / 2**20:.0f} MiB is free"
+            f"shape generation needs about {item_bytes / 2**20:.0f} MiB on {device.type} for one picture, "
+            f"only {free_bytes / 2**20:.0f} MiB is free; lower the resolution"
+        )
+    if batch_size * item_bytes > free_bytes:
+        raise MemoryError(
+            f"out of memory: a batch of {batch_size} needs about {batch_size * item_bytes / 2**20:.0f} MiB "
+            f"on {device.type}, only {free_bytes / 2**20:.0f} MiB is free"
         )

@@ -4,7 +4,12 @@ Coordinate frame shared by every backend and stage: the square crop made by
 image_preprocessing maps onto [-0.5, 0.5]^2 in x (right) and y (up), and +z
 points toward the viewer (the camera that took the picture). A mesh in this
 frame can be textured by projecting the picture along z, whatever backend
-made it.
+made it. Shape and TexturedShape are in this frame.
+
+Model units: mesh_export then centres the mesh's bounding box on the origin
+and scales it uniformly so that its longest extent is 1 (axes unchanged:
+y up, +z toward the viewer, which is also glTF's frame). The exported files
+and ExportedMesh's volume and extents are in those units.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ class LoadedImage:
     rgba: np.ndarray  # (H, W, 4) uint8
     has_alpha: bool  # True when the alpha channel carries a real mask
     source_format: str  # "PNG", "JPEG", ...
-    size: tuple[int, int]  # (width, height) as decoded
+    size: tuple[int, int]  # (width, height) as decoded, upright; rgba may be smaller (big pictures are reduced)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""ORFEAS benchmarks and load test: `make bench`, `make loadtest`."""

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The benchmark suite on a CUDA device in a single call; prints one table.
+#
+# For a lent GPU (the `device` tool's `run`, command `bash bench/gpu.sh`): the
+# generation service picks CUDA by itself when torch sees it, and the
+# in-process runs use --device cuda, so every figure of `make bench` is
+# measured again on the GPU, batching target ≥ 3×. The Python it uses must
+# have a CUDA build of torch and the rest of requirements.txt: $PYTHON if
+# set, else .venv/bin/python, else python3, the first whose torch sees CUDA.
+#
+# Bounded: the suites stop starting after BENCH_BUDGET_S (default 420 s) and
+# the whole call after BENCH_TIMEOUT_S (default 570 s), so a 10-minute device
+# call always returns. Full results: bench/RESULTS-gpu.md, bench/results-gpu.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=""
+for candidate in "${PYTHON:-}" .venv/bin/python python3; do
+    [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 || continue
+    if "$candidate" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        PY="$candidate"
+        break
+    fi
+done
+if [ -z "$PY" ]; then
+    echo "bench/gpu.sh: no Python whose torch sees a CUDA device (set PYTHON=/path/to/python)" >&2
+    nvidia-smi -L >&2 2>/dev/null || echo "bench/gpu.sh: nvidia-smi found no GPU either" >&2
+    exit 2
+fi
+if ! "$PY" -c 'import grpc, grpc_tools, fastapi, uvicorn, httpx, prometheus_client, trimesh, fast_simplification, skimage, psutil' 2>/dev/null; then
+    echo "bench/gpu.sh: $PY lacks packages of requirements.txt (pip install -r requirements.txt, keeping its CUDA torch)" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+"$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))'
+
+# The stubs under pb/ are generated, not committed.
+if [ ! -f pb/.built ]; then
+    PYTHON="$PY" scripts/build_protos.sh || exit 2
+fi
+
+exec timeout --signal=INT "${BENCH_TIMEOUT_S:-570}" "$PY" -m bench.run \
+    --device cuda \
+    --budget-s "${BENCH_BUDGET_S:-420}" \
+    --leak-jobs "${LEAK_JOBS:-300}" --leak-timeout 90 \
+    --markdown bench/RESULTS-gpu.md --json bench/results-gpu.json \
+    "$@"

@@ -1,0 +1,133 @@
+"""`make bench`: the benchmark suite, in one command.
+
+    .venv/bin/python -m bench.run                      # everything, results in bench/RESULTS.md
+    .venv/bin/python -m bench.run --suites latency     # one suite
+    .venv/bin/python -m bench.run --quick              # fewer runs, for a smoke test
+
+Every stack it needs it starts itself on free loopback ports and stops again.
+It prints one table of medians at the end; bench/RESULTS.md holds the detail
+and bench/results.json the raw figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import report
+from bench.common import BENCH_DIR, machine
+
+SUITES = ("latency", "batching", "resolution", "leak")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, of {', '.join(SUITES)}")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (for the in-process runs; the service picks its own)")
+    p.add_argument("--runs", type=int, default=10, help="latency runs per side (issue 2: at least 10)")
+    p.add_argument("--batch-jobs", type=int, default=32)
+    p.add_argument("--no-serial", action="store_true", help="skip the serial-client reference in the batching suite")
+    p.add_argument("--resolution-runs", type=int, default=3)
+    p.add_argument("--resolutions", default="128,256,512,1024")
+    p.add_argument("--leak-jobs", type=int, default=1000)
+    p.add_argument("--leak-timeout", type=float, default=900.0, help="seconds; the leak suite stops by then")
+    p.add_argument("--budget-s", type=float, default=0.0, help="start no suite after this many seconds (0: no limit)")
+    p.add_argument("--quick", action="store_true", help="3 runs, 8 batch jobs, 100 leak jobs, resolutions to 512²")
+    p.add_argument("--markdown", type=Path, default=BENCH_DIR / "RESULTS.md")
+    p.add_argument("--json", type=Path, default=BENCH_DIR / "results.json")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.batch_jobs, args.leak_jobs, args.resolution_runs = 3, 8, 100, 1
+        args.resolutions = "128,256,512"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        print(f"unknown suites: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    cpu_start = _cpu_now()
+    results: dict[str, Any] = {
+        "command": "python -m bench.run " + shlex.join(argv) if argv else "make bench",
+        "machine": machine(),
+        "device": args.device,
+        "notes": [],
+    }
+    for suite in suites:
+        if args.budget_s and time.perf_counter() - started > args.budget_s:
+            results["notes"].append(f"{suite} skipped: the {args.budget_s:.0f} s budget was spent")
+            continue
+        print(f"[bench] {suite} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[suite] = _run_suite(suite, args)
+        except Exception as exc:  # noqa: BLE001 - one failed suite must not lose the others' figures
+            traceback.print_exc()
+            results["notes"].append(f"{suite} failed: {type(exc).__name__}: {exc}")
+        print(f"[bench] {suite} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    results["wall_s"] = time.perf_counter() - started
+    others = _cpu_of_others(cpu_start)
+    results["cpu_seconds_of_other_processes"] = others
+    share = others / (results["wall_s"] * (os.cpu_count() or 1))
+    if share > 0.05:
+        results["notes"].append(
+            f"the machine was shared: other processes used {others:.0f} CPU-seconds during the run, "
+            f"{share:.0%} of its capacity; every figure is slower and noisier for it"
+        )
+    print(report.summary_table(results))
+    if not args.no_write:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        args.markdown.write_text(report.markdown(results))
+        print(f"\nwritten: {args.markdown}, {args.json}", file=sys.stderr)
+    return 1 if any("failed" in n for n in results["notes"]) else 0
+
+
+def _cpu_now() -> tuple[float, float]:
+    """(busy CPU-seconds of the whole machine, CPU-seconds of this process and its reaped children)."""
+    total = psutil.cpu_times()
+    busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+    mine = psutil.Process().cpu_times()
+    return busy, mine.user + mine.system + mine.children_user + mine.children_system
+
+
+def _cpu_of_others(start: tuple[float, float]) -> float:
+    """CPU-seconds that processes other than this suite (and the stacks it ran) used since `start`."""
+    busy, mine = _cpu_now()
+    return max(0.0, (busy - start[0]) - (mine - start[1]))
+
+
+def _run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
+    if suite == "latency":
+        from bench import latency
+
+        return latency.run(args.runs, args.device)
+    if suite == "batching":
+        from bench import batching
+
+        return batching.run(args.batch_jobs, serial=not args.no_serial)
+    if suite == "resolution":
+        from bench import resolution
+
+        sizes = tuple(int(r) for r in args.resolutions.split(","))
+        return resolution.run(args.resolution_runs, args.device, sizes)
+    from bench import leak
+
+    return leak.run(args.leak_jobs, timeout_s=args.leak_timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

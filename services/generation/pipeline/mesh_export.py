@@ -1,0 +1,460 @@
+"""Stage 5: decimate, map, normalise and write every format.
+
+Decimation is quadric (fast_simplification) on the closed mesh; the result
+is checked (every edge shared by exactly two faces in opposite directions,
+one connected component) and, when a collapse broke that, redone less
+aggressively, then with a gentler target, down to keeping the undecimated
+mesh.
+
+Texture mapping follows texture_synthesis's atlas: faces whose centroid
+lies in front of z = 0 sample the front half, the others the back half;
+vertices used by both are split (same position, two texture coordinates).
+Formats that carry no texture coordinates (STL, PLY) and the statistics
+use the merged mesh, which is the watertight one.
+
+Model units: mesh_export centres the bounding box on the origin and scales
+uniformly so that the longest extent is 1 (see records.py).
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import zipfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import fast_simplification
+import numpy as np
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from services.common.errors import InvalidArgument
+from services.generation.pipeline.params import FORMATS
+from services.generation.pipeline.records import ExportedMesh, TexturedShape
+from services.generation.pipeline.texture_synthesis import EXTRAS_ATLAS, atlas_uv, sample_atlas
+
+# fast_simplification keeps the mesh being simplified in module-level C++ state: one call at a time.
+_SIMPLIFY_LOCK = threading.Lock()
+# Attempts in order, as (target factor, aggressiveness). A collapse that pinches two sheets of a
+# thin part into one edge breaks closure; which collapses happen depends on both knobs, so a
+# failure is retried at the same target less aggressively before the target is raised.
+_ATTEMPTS = ((1.0, 7.0), (1.0, 5.0), (1.0, 3.0), (1.25, 5.0), (1.6, 5.0), (2.5, 3.0))
+PNG_COMPRESS_LEVEL = 1  # the atlas is photographic; higher levels cost time and save little
+OBJ_NAME, MTL_NAME, TEXTURE_NAME = "model.obj", "model.mtl", "texture.png"
+
+
+@dataclass
+class _Mesh:
+    """The merged (watertight) mesh plus everything the writers need."""
+
+    vertices: np.ndarray  # (N, 3) float32, normalised
+    faces: np.ndarray  # (M, 3) int64
+    normals: np.ndarray  # (N, 3) float32, unit
+    colors: np.ndarray  # (N, 4) uint8
+    # The texture-mapped copy: vertices split at the front/back seam.
+    split_source: np.ndarray  # (N', ) int64: merged vertex of each split vertex
+    split_faces: np.ndarray  # (M, 3) int64 into the split vertices
+    split_uv: np.ndarray  # (N', 2) float32, glTF convention
+    split_colors: np.ndarray  # (N', 4) uint8
+
+
+def export_mesh(
+    textured: TexturedShape, *, face_count: int, formats: Sequence[str] = FORMATS
+) -> ExportedMesh:
+    for name in formats:
+        if name not in FORMATS:
+            raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {name!r}")
+    vertices, faces, closed = decimate_closed(
+        textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count
+    )
+    mesh = _map_and_normalise(vertices, faces, textured)
+    png = _encode_png(textured.texture) if textured.texture is not None and ({"glb", "obj"} & set(formats)) else None
+
+    writers = {
+        "glb": lambda: _write_glb(mesh, png),
+        "obj": lambda: _write_obj_zip(mesh, png),
+        "stl": lambda: _write_stl(mesh),
+        "ply": lambda: _write_ply(mesh),
+    }
+    files = {name: writers[name]() for name in dict.fromkeys(formats)}
+    extents = mesh.vertices.max(0) - mesh.vertices.min(0)
+    return ExportedMesh(
+        files=files,
+        vertices=len(mesh.vertices),
+        faces=len(mesh.faces),
+        watertight=closed,
+        volume=signed_volume(mesh.vertices, mesh.faces),
+        extents=(float(extents[0]), float(extents[1]), float(extents[2])),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Decimation and checks
+
+
+def decimate_closed(
+    vertices: np.ndarray, faces: np.ndarray, face_count: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Quadric decimation to about face_count faces that keeps the mesh closed and in one piece.
+
+    Returns the vertices, the faces and whether the result is closed and one piece (false only
+    when the input itself was not).
+    """
+    if len(faces) <= face_count:
+        return vertices, faces, _is_closed_piece(vertices, faces)
+    for factor, aggressiveness in _ATTEMPTS:
+        target = int(face_count * factor)
+        if target >= len(faces):
+            break
+        with _SIMPLIFY_LOCK:
+            points, triangles = fast_simplification.simplify(vertices, faces, target_count=target, agg=aggressiveness)
+        points, triangles = _drop_degenerate(points, triangles.astype(np.int64))
+        if _is_closed_piece(points, triangles):
+            return points, triangles, True
+    return vertices, faces, _is_closed_piece(vertices, faces)
+
+
+def _is_closed_piece(vertices: np.ndarray, faces: np.ndarray) -> bool:
+    return is_closed(faces) and _component_count(faces, len(vertices)) == 1
+
+
+def _drop_degenerate(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove faces with a repeated corner and vertices no face uses."""
+    keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 2] != faces[:, 0])
+    faces = faces[keep]
+    used = np.zeros(len(vertices), bool)
+    used[faces.ravel()] = True
+    if used.all():
+        return vertices, faces
+    remap = np.cumsum(used) - 1
+    return vertices[used], remap[faces]
+
+
+def is_closed(faces: np.ndarray) -> bool:
+    """Every edge used exactly twice, once in each direction: closed and consistently wound."""
+    if len(faces) == 0:
+        return False
+    count = int(faces.max()) + 1
+    heads = faces.ravel()
+    tails = faces[:, [1, 2, 0]].ravel()
+    # One sort: the undirected edge in the high bits, its direction in the lowest bit. A closed,
+    # consistently wound mesh then sorts into pairs (2e, 2e + 1), each edge in exactly one pair.
+    keys = (np.minimum(heads, tails) * count + np.maximum(heads, tails)) * 2 + (heads > tails)
+    keys.sort()
+    if len(keys) % 2:
+        return False
+    first, second = keys[0::2], keys[1::2]
+    return bool(
+        np.all(first % 2 == 0) and np.all(second == first + 1) and np.all(first[1:] > second[:-1])
+    )
+
+
+def _component_count(faces: np.ndarray, vertex_count: int) -> int:
+    edges = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(vertex_count,) * 2)
+    return int(connected_components(graph, directed=False)[0])
+
+
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    corners = vertices[faces].astype(np.float64)
+    return float(np.einsum("ij,ij->i", corners[:, 0], np.cross(corners[:, 1], corners[:, 2])).sum() / 6.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping
+
+
+def _map_and_normalise(vertices: np.ndarray, faces: np.ndarray, textured: TexturedShape) -> _Mesh:
+    atlas = textured.extras[EXTRAS_ATLAS]
+    assert isinstance(atlas, np.ndarray)
+    size = atlas.shape[0]
+
+    # Side of each face, in the shared frame (before normalising moves z = 0).
+    face_is_back = vertices[faces, 2].sum(1) < 0
+    used_front = np.zeros(len(vertices), bool)
+    used_front[faces[~face_is_back].ravel()] = True
+    used_back = np.zeros(len(vertices), bool)
+    used_back[faces[face_is_back].ravel()] = True
+    seam = used_front & used_back
+    copy_of = np.flatnonzero(seam)
+    copy_index = np.full(len(vertices), -1, np.int64)
+    copy_index[copy_of] = len(vertices) + np.arange(len(copy_of))
+    split_faces = faces.copy()
+    back_faces = split_faces[face_is_back]
+    split_faces[face_is_back] = np.where(seam[back_faces], copy_index[back_faces], back_faces)
+    split_source = np.concatenate([np.arange(len(vertices)), copy_of])
+    split_is_back = np.concatenate([~used_front, np.ones(len(copy_of), bool)])
+    split_uv = atlas_uv(vertices[split_source, :2], split_is_back, size)
+    split_colors = sample_atlas(atlas, split_uv)
+    colors = split_colors[: len(vertices)]  # the front colour wherever a vertex has one
+
+    low, high = vertices.min(0), vertices.max(0)
+    scale = 1.0 / max(float((high - low).max()), 1e-12)
+    normalised = ((vertices - (low + high) * 0.5) * scale).astype(np.float32)
+    return _Mesh(
+        vertices=normalised,
+        faces=faces,
+        normals=vertex_normals(normalised, faces),
+        colors=colors,
+        split_source=split_source,
+        split_faces=split_faces,
+        split_uv=split_uv,
+        split_colors=split_colors,
+    )
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted vertex normals, unit length (a vertex with no area gets +z)."""
+    corners = vertices[faces].astype(np.float64)
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    sums = np.zeros((len(vertices), 3))
+    for corner in range(3):
+        for axis in range(3):
+            sums[:, axis] += np.bincount(faces[:, corner], face_normals[:, axis], minlength=len(vertices))
+    lengths = np.linalg.norm(sums, axis=1, keepdims=True)
+    normals = np.where(lengths > 1e-20, sums / np.maximum(lengths, 1e-20), [0.0, 0.0, 1.0])
+    return normals.astype(np.float32)
+
+
+def _encode_png(texture: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(texture).save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# GLB
+
+
+def _write_glb(mesh: _Mesh, png: bytes | None) -> bytes:
+    """glTF 2.0 binary: one mesh, one material; textured (split vertices) or vertex-coloured (merged)."""
+    if png is not None:
+        positions = mesh.vertices[mesh.split_source]
+        normals = mesh.normals[mesh.split_source]
+        faces = mesh.split_faces
+        extra = ("TEXCOORD_0", mesh.split_uv.astype(np.float32), 5126, "VEC2", False)
+    else:
+        positions, normals, faces = mesh.vertices, mesh.normals, mesh.faces
+        extra = ("COLOR_0", mesh.colors, 5121, "VEC4", True)
+
+    blob = bytearray()
+    views: list[dict[str, object]] = []
+    accessors: list[dict[str, object]] = []
+
+    def add_view(data: bytes, target: int | None) -> int:
+        while len(blob) % 4:
+            blob.append(0)
+        view: dict[str, object] = {"buffer": 0, "byteOffset": len(blob), "byteLength": len(data)}
+        if target is not None:
+            view["target"] = target
+        blob.extend(data)
+        views.append(view)
+        return len(views) - 1
+
+    def add_accessor(array: np.ndarray, component: int, kind: str, target: int, normalized: bool = False,
+                     bounds: bool = False) -> int:
+        accessor: dict[str, object] = {
+            "bufferView": add_view(np.ascontiguousarray(array).tobytes(), target),
+            "componentType": component,
+            "count": int(len(array)),
+            "type": kind,
+        }
+        if normalized:
+            accessor["normalized"] = True
+        if bounds:
+            accessor["min"] = [float(v) for v in array.min(0)]
+            accessor["max"] = [float(v) for v in array.max(0)]
+        accessors.append(accessor)
+        return len(accessors) - 1
+
+    attributes = {
+        "POSITION": add_accessor(positions.astype(np.float32), 5126, "VEC3", 34962, bounds=True),
+        "NORMAL": add_accessor(normals.astype(np.float32), 5126, "VEC3", 34962),
+        extra[0]: add_accessor(extra[1], extra[2], extra[3], 34962, normalized=extra[4]),
+    }
+    indices = add_accessor(faces.astype(np.uint32).ravel(), 5125, "SCALAR", 34963)
+    material: dict[str, object] = {
+        "name": "model",
+        "pbrMetallicRoughness": {"metallicFactor": 0.0, "roughnessFactor": 1.0},
+    }
+    document: dict[str, object] = {
+        "asset": {"version": "2.0", "generator": "ORFEAS"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "model"}],
+        "meshes": [{"name": "model", "primitives": [
+            {"attributes": attributes, "indices": indices, "material": 0, "mode": 4}
+        ]}],
+        "materials": [material],
+        "accessors": accessors,
+        "bufferViews": views,
+    }
+    if png is not None:
+        document["images"] = [{"bufferView": add_view(png, None), "mimeType": "image/png"}]
+        document["samplers"] = [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]
+        document["textures"] = [{"sampler": 0, "source": 0}]
+        material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0}  # type: ignore[index]
+    while len(blob) % 4:
+        blob.append(0)
+    document["buffers"] = [{"byteLength": len(blob)}]
+
+    json_chunk = json.dumps(document, separators=(",", ":")).encode()
+    json_chunk += b" " * (-len(json_chunk) % 4)
+    total = 12 + 8 + len(json_chunk) + 8 + len(blob)
+    return b"".join([
+        struct.pack("<4sII", b"glTF", 2, total),
+        struct.pack("<I4s", len(json_chunk), b"JSON"), json_chunk,
+        struct.pack("<I4s", len(blob), b"BIN\x00"), bytes(blob),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# OBJ (zip of OBJ + MTL + PNG)
+
+
+def _write_obj_zip(mesh: _Mesh, png: bytes | None) -> bytes:
+    """Positions are the merged vertices (so the OBJ is closed as written); texture coordinates are
+    the split ones, referenced per face corner."""
+    parts = [f"# ORFEAS\nmtllib {MTL_NAME}\no model\n".encode()]
+    if png is not None:
+        parts.append(_format_rows(b"v", [mesh.vertices]))
+        uv = mesh.split_uv.astype(np.float64).copy()
+        uv[:, 1] = 1.0 - uv[:, 1]  # OBJ puts the texture origin at the bottom-left
+        parts.append(_format_rows(b"vt", [uv]))
+        parts.append(_format_rows(b"vn", [mesh.normals]))
+        parts.append(b"usemtl model\n")
+        position = mesh.faces + 1
+        texture = mesh.split_faces + 1
+        corners = np.stack([position, texture, position], axis=2).reshape(len(position), 9)
+        parts.append(_format_faces(corners, per_corner=3))
+        material = f"newmtl model\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {TEXTURE_NAME}\n"
+    else:
+        # The common "v x y z r g b" extension carries the vertex colours.
+        parts.append(_format_rows(b"v", [mesh.vertices, mesh.colors[:, :3] / 255.0]))
+        parts.append(_format_rows(b"vn", [mesh.normals]))
+        parts.append(b"usemtl model\n")
+        position = mesh.faces + 1
+        parts.append(_format_faces(np.stack([position, position], axis=2).reshape(len(position), 6), per_corner=2,
+                                   skip_texture=True))
+        material = "newmtl model\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\n"
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(OBJ_NAME, b"".join(parts), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+        archive.writestr(MTL_NAME, material, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+        if png is not None:
+            archive.writestr(TEXTURE_NAME, png, compress_type=zipfile.ZIP_STORED)
+    return buffer.getvalue()
+
+
+_DIGITS = np.frombuffer(b"0123456789", np.uint8)
+_GAP = 0  # placeholder byte, dropped after assembly
+
+
+def _integer_columns(values: np.ndarray, width: int) -> np.ndarray:
+    """(N,) non-negative ints -> (N, width) ASCII digits, leading zeros as gaps."""
+    digits = np.empty((len(values), width), np.uint8)
+    remaining = values.astype(np.int64)
+    for column in range(width - 1, -1, -1):
+        digits[:, column] = _DIGITS[remaining % 10]
+        remaining //= 10
+    # Blank leading zeros, keeping at least the last digit.
+    significant = np.cumsum(digits != ord("0"), axis=1) > 0
+    significant[:, -1] = True
+    digits[~significant] = _GAP
+    return digits
+
+
+def _decimal_columns(values: np.ndarray, decimals: int = 6) -> np.ndarray:
+    """(N,) floats -> fixed-point ASCII columns: optional '-', integer digits, '.', decimals."""
+    scaled = np.rint(np.abs(values.astype(np.float64)) * 10**decimals).astype(np.int64)
+    integer_width = max(1, len(str(int(scaled.max(initial=0)) // 10**decimals)))
+    integer_part = _integer_columns(scaled // 10**decimals, integer_width)
+    fraction = scaled % 10**decimals
+    fraction_digits = np.empty((len(values), decimals), np.uint8)
+    for column in range(decimals - 1, -1, -1):
+        fraction_digits[:, column] = _DIGITS[fraction % 10]
+        fraction //= 10
+    sign = np.where((values < 0) & (scaled > 0), ord("-"), _GAP).astype(np.uint8)[:, None]
+    point = np.full((len(values), 1), ord("."), np.uint8)
+    return np.concatenate([sign, integer_part, point, fraction_digits], axis=1)
+
+
+def _assemble(columns: list[np.ndarray]) -> bytes:
+    table = np.concatenate(columns, axis=1).ravel()
+    return table[table != _GAP].tobytes()
+
+
+def _constant(text: bytes, rows: int) -> np.ndarray:
+    return np.broadcast_to(np.frombuffer(text, np.uint8), (rows, len(text)))
+
+
+def _format_rows(keyword: bytes, blocks: list[np.ndarray]) -> bytes:
+    """Lines of `keyword x y z ...`, six decimals, without Python-level formatting per number."""
+    values = np.concatenate([np.asarray(b, np.float64).reshape(len(b), -1) for b in blocks], axis=1)
+    rows = len(values)
+    columns: list[np.ndarray] = [_constant(keyword, rows)]
+    for index in range(values.shape[1]):
+        columns.append(_constant(b" ", rows))
+        columns.append(_decimal_columns(values[:, index]))
+    columns.append(_constant(b"\n", rows))
+    return _assemble(columns)
+
+
+def _format_faces(corners: np.ndarray, per_corner: int, skip_texture: bool = False) -> bytes:
+    """`f a/b/c ...` lines from (M, 3 * per_corner) one-based indices."""
+    rows = len(corners)
+    width = len(str(int(corners.max(initial=1))))
+    columns: list[np.ndarray] = [_constant(b"f", rows)]
+    for corner in range(3):
+        columns.append(_constant(b" ", rows))
+        for slot in range(per_corner):
+            if slot:
+                columns.append(_constant(b"//" if skip_texture else b"/", rows))
+            columns.append(_integer_columns(corners[:, corner * per_corner + slot], width))
+    columns.append(_constant(b"\n", rows))
+    return _assemble(columns)
+
+
+# ----------------------------------------------------------------------------------------------
+# STL and PLY
+
+
+def _write_stl(mesh: _Mesh) -> bytes:
+    corners = mesh.vertices[mesh.faces].astype(np.float64)
+    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-20)
+    records = np.zeros(len(mesh.faces), np.dtype([("normal", "<f4", (3,)), ("corners", "<f4", (3, 3)),
+                                                   ("attributes", "<u2")]))
+    records["normal"] = normals
+    records["corners"] = corners
+    header = b"ORFEAS binary STL".ljust(80, b" ")
+    return header + struct.pack("<I", len(records)) + records.tobytes()
+
+
+def _write_ply(mesh: _Mesh) -> bytes:
+    vertex_records = np.zeros(len(mesh.vertices), np.dtype([
+        ("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+        ("nx", "<f4"), ("ny", "<f4"), ("nz", "<f4"),
+        ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1"),
+    ]))
+    for index, axis in enumerate("xyz"):
+        vertex_records[axis] = mesh.vertices[:, index]
+        vertex_records["n" + axis] = mesh.normals[:, index]
+    for index, channel in enumerate(("red", "green", "blue", "alpha")):
+        vertex_records[channel] = mesh.colors[:, index]
+    face_records = np.zeros(len(mesh.faces), np.dtype([("count", "u1"), ("corners", "<i4", (3,))]))
+    face_records["count"] = 3
+    face_records["corners"] = mesh.faces
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment ORFEAS\n"
+        f"element vertex {len(vertex_records)}\n"
+        "property float x\nproperty float y\nproperty float z\n"
+        "property float nx\nproperty float ny\nproperty float nz\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
+        f"element face {len(face_records)}\nproperty list uchar int vertex_indices\nend_header\n"
+    ).encode()
+    return header + vertex_records.tobytes() + face_records.tobytes()

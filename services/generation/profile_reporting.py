@@ -1,0 +1,38 @@
+"""Every job's profile goes to telemetry, without ever slowing the job down."""
+from __future__ import annotations
+
+from services.generation.jobs import LiveJob
+from services.generation.telemetry_client import PipelineProfile, StageProfile, TelemetryClient
+from services.generation.worker import JobProfile
+
+
+class TelemetryProfileSink:
+    def __init__(self, telemetry: TelemetryClient, worker_id: str) -> None:
+        self.telemetry = telemetry
+        self.worker_id = worker_id
+
+    def report(self, job: LiveJob, profile: JobProfile) -> None:
+        # Only whole pipelines make meaningful aggregates; failures are counted by metrics instead.
+        if not profile.succeeded:
+            return
+        self.telemetry.report_profile(
+            PipelineProfile(
+                job_id=profile.job_id,
+                backend=profile.backend,
+                worker_id=self.worker_id,
+                device=profile.device,
+                batch_size=profile.batch_size,
+                image_width=profile.image_size[0],
+                image_height=profile.image_size[1],
+                resolution=profile.resolution,
+                steps=profile.steps,
+                started_at=profile.started_at,
+                total_duration_s=profile.total_s,
+                stages=[
+                    StageProfile(s.name, s.start_offset_s, s.duration_s, s.memory_peak_bytes) for s in profile.stages
+                ],
+                succeeded=profile.succeeded,
+                face_count=profile.face_count,
+                precision="fp32",
+            )
+        )

@@ -1,0 +1,338 @@
+"""The inflate backend: accurate Poisson heights, closed outward meshes, batch invariance, memory model."""
+from __future__ import annotations
+
+import tracemalloc
+import weakref
+from collections import namedtuple
+
+import numpy as np
+import psutil
+import pytest
+import scipy.sparse as sparse
+import scipy.sparse.linalg as sparse_linalg
+import torch
+import trimesh
+from scipy import ndimage
+from skimage import data as samples
+from skimage.transform import resize
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from services.common.errors import Cancelled, InvalidArgument, ResourceExhausted
+from services.generation.backends import ShapeBackend, get_backend
+from services.generation.backends import inflate
+from services.generation.backends.inflate import InflateBackend, build_mesh, solve_poisson
+from services.generation.pipeline.image_preprocessing import regularize_grid_mask
+from services.generation.pipeline.mesh_export import is_closed
+
+CPU = torch.device("cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def disk_mask(resolution: int = 256, radius_share: float = 0.425, centre: tuple[float, float] | None = None) -> np.ndarray:
+    ys, xs = np.mgrid[:resolution, :resolution] + 0.5
+    cx, cy = centre or (resolution / 2, resolution / 2)
+    return (xs - cx) ** 2 + (ys - cy) ** 2 < (radius_share * resolution) ** 2
+
+
+def horse_mask(resolution: int = 256) -> np.ndarray:
+    horse = ~samples.horse()
+    square = np.zeros((400, 400), bool)
+    square[36:364, :] = horse
+    return resize(square.astype(float), (resolution, resolution), anti_aliasing=True) > 0.5
+
+
+def blob_mask(seed: int, resolution: int = 96) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.normal(size=(resolution, resolution)), sigma=rng.uniform(2.0, 5.0))
+    mask = noise > np.quantile(noise, rng.uniform(0.4, 0.7))
+    mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = False, False, False, False
+    return mask
+
+
+def as_trimesh(shape) -> trimesh.Trimesh:
+    return trimesh.Trimesh(shape.vertices, shape.faces, process=False)
+
+
+def direct_solution(cells: np.ndarray) -> np.ndarray:
+    """u on the corner grid by a sparse direct solve: the reference for the iterative solver."""
+    padded = np.pad(cells, 1)
+    interior = padded[:-1, :-1] & padded[:-1, 1:] & padded[1:, :-1] & padded[1:, 1:]
+    index = -np.ones(interior.shape, int)
+    count = int(interior.sum())
+    index[interior] = np.arange(count)
+    rows, cols = np.nonzero(interior)
+    entries = [(index[rows, cols], index[rows, cols], np.full(count, 4.0))]
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        neighbour = index[rows + dr, cols + dc]
+        ok = neighbour >= 0
+        entries.append((index[rows, cols][ok], neighbour[ok], -np.ones(ok.sum())))
+    r, c, v = (np.concatenate(part) for part in zip(*entries))
+    matrix = sparse.csc_matrix((v, (r, c)), shape=(count, count))
+    solution = np.zeros(interior.shape)
+    solution[interior] = sparse_linalg.spsolve(matrix, np.ones(count))
+    return solution
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_registry_returns_the_one_inflate_backend() -> None:
+    backend = get_backend("inflate")
+    assert isinstance(backend, InflateBackend) and isinstance(backend, ShapeBackend)
+    assert backend is get_backend("inflate")
+    assert backend.name == "inflate"
+
+
+def test_unknown_backend_is_an_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument) as refusal:
+        get_backend("nerf")
+    assert refusal.value.field == "backend" and "nerf" in str(refusal.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solver
+
+
+@pytest.mark.parametrize("resolution", [256, 300])
+def test_solver_matches_a_direct_solve_at_default_steps(resolution: int) -> None:
+    cells = regularize_grid_mask(horse_mask(resolution))
+    padded = inflate._padded_cells(resolution)
+    batch = np.zeros((1, padded, padded), bool)
+    batch[0, :resolution, :resolution] = cells
+    solved = solve_poisson(torch.from_numpy(batch).to(DEVICE), max_iterations=50)[0].cpu().numpy()
+    solved = solved[: resolution + 1, : resolution + 1]
+    reference = direct_solution(cells)
+    heights, expected = np.sqrt(np.maximum(solved, 0)), np.sqrt(reference)
+    assert np.abs(heights - expected).max() < 1e-3 * expected.max()
+
+
+def test_disk_potential_is_the_analytic_paraboloid() -> None:
+    radius = 0.425 * 256
+    cells = disk_mask()
+    solved = solve_poisson(torch.from_numpy(cells)[None], max_iterations=50)[0].numpy()
+    # u = (R^2 - r^2) / 4 in pixel units; the discrete outline moves R by under a pixel.
+    assert abs(solved.max() - radius**2 / 4) < 0.02 * radius**2 / 4
+
+
+def test_more_steps_never_hurt_and_one_step_is_rough() -> None:
+    cells = torch.from_numpy(regularize_grid_mask(horse_mask(128)))[None]
+    reference = direct_solution(cells[0].numpy())
+    errors = {}
+    for steps in (1, 3, 50, 200):
+        solved = solve_poisson(cells, max_iterations=steps)[0].numpy()
+        errors[steps] = np.abs(solved - reference).max() / reference.max()
+    assert errors[1] > 1e-2
+    assert errors[1] > errors[3] > errors[50]
+    assert errors[200] <= errors[50] + 1e-6  # converged: later iterations are frozen
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+
+
+def test_disk_inflates_to_a_sphere() -> None:
+    (shape,) = get_backend("inflate").generate([disk_mask()], steps=50, device=DEVICE)
+    mesh = as_trimesh(shape)
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    width, height, depth = mesh.extents
+    assert abs(width - 0.85) < 0.01 and abs(height - 0.85) < 0.01
+    assert abs(depth / width - 1) < 0.02
+    assert abs(mesh.volume / np.prod(mesh.extents) - np.pi / 6) < 0.02 * np.pi / 6
+
+
+def test_frame_is_the_shared_one() -> None:
+    mask = np.zeros((128, 128), bool)
+    mask[10:40, 70:120] = True  # a block in the top right of the picture
+    (shape,) = get_backend("inflate").generate([mask], steps=50, device=DEVICE)
+    assert shape.vertices.dtype == np.float32 and shape.faces.dtype == np.int64
+    x, y, z = shape.vertices.T
+    assert 70 / 128 - 0.5 - 0.01 < x.min() and x.max() < 120 / 128 - 0.5 + 0.01  # right of centre
+    assert 0.5 - 40 / 128 - 0.01 < y.min() and y.max() < 0.5 - 10 / 128 + 0.01  # above centre (y up)
+    assert z.max() > 0 and z.max() == -z.min()  # front toward +z, back mirrored
+    assert as_trimesh(shape).volume > 0  # outward normals
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_silhouettes_give_closed_one_piece_manifolds(seed: int) -> None:
+    mask = blob_mask(seed)
+    (shape,) = get_backend("inflate").generate([mask], steps=50, device=DEVICE)
+    cells = regularize_grid_mask(mask)
+    mesh = as_trimesh(shape)
+    assert is_closed(shape.faces)
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert mesh.body_count == 1
+    assert mesh.volume > 0
+    # A closed orientable surface of genus g has Euler characteristic 2 - 2g, g = the silhouette's holes.
+    background, count = ndimage.label(~np.pad(cells, 1))
+    holes = count - 1
+    assert mesh.euler_number == 2 - 2 * holes
+    # Every vertex used, no face twice.
+    assert np.unique(shape.faces).size == len(shape.vertices)
+    assert len(np.unique(np.sort(shape.faces, axis=1), axis=0)) == len(shape.faces)
+
+
+def test_outline_is_smoothed_not_stair_stepped(monkeypatch: pytest.MonkeyPatch) -> None:
+    def stair_roughness(shape) -> float:
+        """The rim's radius, in cells, less its running mean over 9 neighbours: the zig-zag of the stairs."""
+        rim = shape.vertices[shape.vertices[:, 2] == 0].astype(np.float64)
+        radii = np.hypot(rim[:, 0], rim[:, 1])[np.argsort(np.arctan2(rim[:, 1], rim[:, 0]))] * 128
+        return float((radii - ndimage.uniform_filter1d(radii, 9, mode="wrap")).std())
+
+    cells = disk_mask(128)
+    potential = solve_poisson(torch.from_numpy(cells)[None], max_iterations=50)[0].numpy()
+    smoothed = stair_roughness(build_mesh(cells, potential))
+    monkeypatch.setattr(inflate, "OUTLINE_ROUNDS", 0)
+    raw = stair_roughness(build_mesh(cells, potential))
+    assert raw > 0.25  # grid corners on a stair-stepped circle
+    assert smoothed < 0.4 * raw
+    # Taubin does not shrink: the mean radius stays put.
+    (shape,) = get_backend("inflate").generate([cells], steps=50, device=DEVICE)
+    rim = shape.vertices[shape.vertices[:, 2] == 0]
+    assert abs(np.hypot(rim[:, 0], rim[:, 1]).mean() - 0.425) < 0.1 / 128
+
+
+def test_specks_are_dropped_and_thin_parts_kept() -> None:
+    mask = disk_mask(128, 0.3)
+    mask[5:7, 5:7] = True  # a speck
+    mask[63, 100:125] = True  # a one-cell-thick antenna
+    (shape,) = get_backend("inflate").generate([mask], steps=50, device=DEVICE)
+    mesh = as_trimesh(shape)
+    assert mesh.body_count == 1 and mesh.is_watertight
+    assert shape.vertices[:, 0].max() > 124 / 128 - 0.5 - 0.02
+    assert shape.vertices[:, 0].min() > -0.35
+
+
+@pytest.mark.parametrize("resolution", [64, 100, 257])
+def test_any_resolution_in_range(resolution: int) -> None:
+    (shape,) = get_backend("inflate").generate([disk_mask(resolution, 0.4)], steps=50, device=DEVICE)
+    mesh = as_trimesh(shape)
+    assert mesh.is_watertight
+    assert abs(mesh.extents[2] / mesh.extents[0] - 1) < 0.05
+
+
+def test_silhouette_too_thin_for_a_solid_is_refused() -> None:
+    mask = np.zeros((64, 64), bool)
+    mask[30, 30] = True
+    with pytest.raises(InvalidArgument, match="^image: no foreground"):
+        get_backend("inflate").generate([mask], steps=50, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching, progress, cancellation
+
+
+def test_each_item_is_bit_identical_alone_or_in_a_mixed_batch() -> None:
+    masks = [disk_mask(), horse_mask(), blob_mask(3, 256), disk_mask(256, 0.2, centre=(60, 200))]
+    backend = get_backend("inflate")
+    alone = [backend.generate([mask], steps=50, device=DEVICE)[0] for mask in masks]
+    order = [2, 0, 3, 1, 0]
+    together = backend.generate([masks[i] for i in order], steps=50, device=DEVICE)
+    for index, shape in zip(order, together):
+        assert np.array_equal(shape.vertices, alone[index].vertices)
+        assert np.array_equal(shape.faces, alone[index].faces)
+    # Few steps, so items stop at the cap rather than at convergence: still identical.
+    rough_alone = backend.generate([masks[1]], steps=2, device=DEVICE)[0]
+    rough_batch = backend.generate([masks[0], masks[1]], steps=2, device=DEVICE)[1]
+    assert np.array_equal(rough_alone.vertices, rough_batch.vertices)
+
+
+def test_masks_of_different_sizes_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        get_backend("inflate").generate([disk_mask(64), disk_mask(96)], steps=10, device=DEVICE)
+
+
+def test_progress_rises_to_one() -> None:
+    fractions: list[float] = []
+    get_backend("inflate").generate([horse_mask(128), disk_mask(128)], steps=50, device=DEVICE,
+                                    progress=fractions.append)
+    assert len(fractions) >= 3
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+
+
+def test_should_stop_cancels_between_chunks() -> None:
+    polls = []
+
+    def stop_on_third_poll() -> bool:
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(Cancelled, match="cancelled"):
+        get_backend("inflate").generate([horse_mask(128)], steps=500, device=DEVICE,
+                                        should_stop=stop_on_third_poll)
+    assert len(polls) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Live bytes of the tensor storages torch ops create, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.references[key] -= 1
+        if self.references[key] == 0:
+            self.current -= self.sizes.pop(key)
+            del self.references[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.references:
+                    self.references[key] = 0
+                    self.sizes[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                self.references[key] += 1
+                weakref.finalize(tensor, self._release, key)
+        return out
+
+
+def test_memory_model_matches_a_measurement() -> None:
+    resolution, batch = 256, 2
+    masks = [disk_mask(resolution, 0.47), disk_mask(resolution, 0.45)]
+    backend = get_backend("inflate")
+    with PeakTensorBytes() as tensors:
+        padded = inflate._padded_cells(resolution)
+        cells = np.zeros((batch, padded, padded), bool)
+        for index, mask in enumerate(masks):
+            cells[index, :resolution, :resolution] = regularize_grid_mask(mask)
+        potential = solve_poisson(torch.from_numpy(cells), max_iterations=50).numpy()
+    tracemalloc.start()
+    shapes = [build_mesh(cells[i, :resolution, :resolution], potential[i, : resolution + 1, : resolution + 1])
+              for i in range(batch)]
+    _, mesh_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(shapes) == batch
+    measured_per_item = (tensors.peak + mesh_peak) / batch
+    modelled = backend.estimate_item_bytes(resolution, 50)
+    assert 1.0 <= modelled / measured_per_item <= 3.0, (modelled, tensors.peak, mesh_peak)
+    # Grows with the grid's area.
+    assert 3.5 < backend.estimate_item_bytes(512, 50) / modelled < 4.5
+
+
+def test_a_picture_that_cannot_fit_is_resource_exhausted(monkeypatch: pytest.MonkeyPatch) -> None:
+    item = get_backend("inflate").estimate_item_bytes(128, 50)
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=item // 2))
+    with pytest.raises(ResourceExhausted, match="MiB"):
+        get_backend("inflate").generate([disk_mask(128)], steps=50, device=CPU)
+    # A batch that only fits split up is a MemoryError, which callers split on.
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=int(item * 1.5)))
+    with pytest.raises(MemoryError, match="out of memory"):
+        get_backend("inflate").generate([disk_mask(128)] * 2, steps=50, device=CPU)
+    assert len(get_backend("inflate").generate([disk_mask(128)], steps=50, device=CPU)) == 1
