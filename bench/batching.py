@@ -75,6 +75,7 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
             pid = stack.processes["generation"].pid
             rss_before = rss_bytes(stack)["generation"]
             hwm_reset = reset_peak_rss(pid)
+            cpu_before = _cpu_seconds(stack)
             before = _scrape_or_empty(metrics_url)
             stop = asyncio.Event()
             cuda_peak = asyncio.create_task(_device_peak(client, metrics_url, stop)) if torch.cuda.is_available() else None
@@ -84,6 +85,7 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
             else:
                 runs = await asyncio.gather(*(generate_via_gateway(client, image, params) for _ in range(jobs)))
             wall = time.perf_counter() - started
+            cpu_used = _cpu_seconds(stack) - cpu_before
             stop.set()
             after = _scrape_or_empty(metrics_url)
             peak = int(await cuda_peak) if cuda_peak is not None else peak_rss_bytes(pid)
@@ -107,6 +109,10 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
         "p50_s": percentile(latencies, 50),
         "p95_s": percentile(latencies, 95),
         "stage_medians_s": stage_medians,
+        # CPU-seconds the three services spent per job: on n cores no schedule
+        # can beat n / this many jobs a second, batched or not.
+        "cpu_s_per_job": cpu_used / max(1, len(ok)),
+        "throughput_ceiling_jobs_per_s": (psutil.cpu_count() or 1) * max(1, len(ok)) / cpu_used if cpu_used else float("nan"),
         # Per job, the size of the batch its shape_generation ran in (the worker's log).
         "job_batch_sizes": chosen,
         "batches_from_metrics": batches,
@@ -122,6 +128,17 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
         "budget_bytes": memory_budget_bytes(),
         "errors": sorted({f"{r.http_status} {r.status} {r.error}" for r in runs if r not in ok}),
     }
+
+
+def _cpu_seconds(stack: Any) -> float:
+    total = 0.0
+    for proc in stack.processes.values():
+        try:
+            times = psutil.Process(proc.pid).cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def _scrape_or_empty(url: str) -> dict[Any, float]:
@@ -148,9 +165,16 @@ def run(jobs: int = 32, params: dict[str, Any] | None = None, serial: bool = Tru
     dynamic = by_mode["dynamic batching"]
     for r in results:
         r["batches"] = batch_histogram(r["job_batch_sizes"])
+    serial_stages = (by_mode.get("serial client") or single)["stage_medians_s"]
+    total = sum(serial_stages.values())
+    shape = serial_stages.get("shape_generation", 0.0)
     return {
         "params": params or "defaults",
         "modes": results,
+        # Amdahl: batching speeds up shape_generation only; were it free, the
+        # rest of each job's work would still be there.
+        "shape_generation_share": shape / total if total else float("nan"),
+        "amdahl_bound": total / (total - shape) if total > shape else float("inf"),
         "speedup_throughput": dynamic["throughput_jobs_per_s"] / single["throughput_jobs_per_s"],
         "p50_ratio": dynamic["p50_s"] / single["p50_s"],
         "p95_ratio": dynamic["p95_s"] / single["p95_s"],

@@ -153,6 +153,18 @@ def _batching(bat: dict[str, Any] | None) -> list[str]:
         f"Throughput ratio dynamic / one-at-a-time: **{bat['speedup_throughput']:.2f}×**; "
         f"p50 ratio {bat['p50_ratio']:.2f}, p95 ratio {bat['p95_ratio']:.2f}.",
         "",
+        "The ceiling: CPU-seconds the services spent per job, and the throughput the cores allow at that cost "
+        "(nproc / CPU-seconds per job): "
+        + "; ".join(
+            f"{m['mode']}: {m['cpu_s_per_job']:.3f} CPU-s/job → at most {m['throughput_ceiling_jobs_per_s']:.2f} jobs/s"
+            for m in bat["modes"] if "cpu_s_per_job" in m
+        )
+        + ".",
+        "",
+        f"Batching only speeds up shape_generation, {bat.get('shape_generation_share', float('nan')):.0%} of a job's "
+        f"stage time when jobs run alone; were it free, throughput could grow at most "
+        f"{bat.get('amdahl_bound', float('nan')):.2f}× (Amdahl).",
+        "",
         "Where the time goes (median per job, as the service's stage timers see it; shape_generation is the whole batch's time):",
         "",
         table(stage_rows, ("stage", *(m["mode"] for m in bat["modes"]))),

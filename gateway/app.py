@@ -21,9 +21,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import errors, views
+from gateway.metrics import install_metrics
+from gateway.performance_routes import router as performance_router
+from gateway.studio import mount_studio
 from gateway.errors import ApiError
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
+from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
 from gateway.auth import BearerTokenMiddleware
 from services.common.config import GatewayConfig, SecurityConfig
 from services.common.grpc_security import create_channel
@@ -31,7 +35,7 @@ from services.common.grpc_security import create_channel
 log = logging.getLogger("gateway")
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-TELEMETRY_SERVICE = "orfeas.telemetry.v1.TelemetryService"
+TELEMETRY_SERVICE = "orfeas.telemetry.v1.TelemetryService"  # not imported: the gateway needs only its name
 SSE_KEEPALIVE_S = 15.0
 
 INT_FIELDS = ("seed", "resolution", "steps", "face_count", "texture_size")
@@ -76,6 +80,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         app.state.generation = pb_grpc.GenerationServiceStub(generation_channel)
         app.state.generation_health = health_pb2_grpc.HealthStub(generation_channel)
         app.state.telemetry_channel = telemetry_channel
+        app.state.telemetry_stub = telemetry_pb2_grpc.TelemetryServiceStub(telemetry_channel)
         app.state.telemetry_health = health_pb2_grpc.HealthStub(telemetry_channel)
         yield
         await generation_channel.close()
@@ -96,13 +101,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
         origins = [o.strip() for o in config.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
-    _routes(app, config)
-    from gateway.metrics import install_metrics
-
     install_metrics(app)
-    from gateway.studio import mount_studio
-
-    mount_studio(app)
+    _routes(app, config)
+    app.include_router(performance_router)
+    mount_studio(app)  # last: it serves "/" and the static files
     return app
 
 

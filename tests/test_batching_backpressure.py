@@ -4,6 +4,7 @@ knobs make each path easy to reach."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -78,7 +79,9 @@ def cancel_all(stub, ids: list[str]) -> None:
 
 
 def test_compatible_jobs_are_batched_and_out_of_memory_splits_the_batch(limited, stub):
-    ids = [stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(), seed=i, **SMALL)).id for i in range(4)]
+    # Submitted together, as concurrent clients would: a burst the batch window gathers.
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda i: stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(), seed=i, **SMALL)).id, range(4)))
     outcomes = [watch(stub, job_id)[-1].outcome for job_id in ids]
     assert all(o.status == pb.JOB_STATUS_SUCCEEDED for o in outcomes), [o.error.message for o in outcomes]
     log = limited.log_dir / "generation.log"

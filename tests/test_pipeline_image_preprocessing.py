@@ -8,7 +8,11 @@ from scipy import ndimage
 from skimage import data as samples
 
 from services.common.errors import InvalidArgument
-from services.generation.pipeline.image_preprocessing import BACKGROUND_FILL, prepare_image, regularize_grid_mask
+from services.generation.pipeline.image_preprocessing import (
+    BACKGROUND_FILL,
+    prepare_image,
+    regularize_grid_mask,
+)
 from services.generation.pipeline.records import LoadedImage
 
 

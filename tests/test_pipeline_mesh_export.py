@@ -17,8 +17,8 @@ from services.generation.backends import get_backend
 from services.generation.pipeline import mesh_export
 from services.generation.pipeline.image_preprocessing import prepare_image
 from services.generation.pipeline.mesh_export import (
-    _decimal_columns,
     _assemble,
+    _decimal_columns,
     _integer_columns,
     decimate_closed,
     export_mesh,
@@ -222,7 +222,7 @@ def test_a_decimation_that_breaks_closure_is_retried_gentler(textured: TexturedS
         return (out_points, out_faces[:-1]) if agg > 5 else (out_points, out_faces)
 
     monkeypatch.setattr(mesh_export.fast_simplification, "simplify", breaks_at_full_strength)
-    vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64),
+    _vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64),
                                               textured.shape.faces, 4000)
     assert closed and is_closed(faces)
     assert calls == [(4000, 7.0), (4000, 5.0)]
@@ -237,7 +237,7 @@ def test_when_every_decimation_breaks_the_original_is_kept(textured: TexturedSha
         return out_points, out_faces[:-1]
 
     monkeypatch.setattr(mesh_export.fast_simplification, "simplify", always_breaks)
-    vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64), textured.shape.faces, 4000)
+    _vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64), textured.shape.faces, 4000)
     assert closed and len(faces) == len(textured.shape.faces)
 
 

@@ -8,20 +8,22 @@ from collections import namedtuple
 import numpy as np
 import psutil
 import pytest
-import scipy.sparse as sparse
 import scipy.sparse.linalg as sparse_linalg
 import torch
 import trimesh
-from scipy import ndimage
+from scipy import ndimage, sparse
 from skimage import data as samples
 from skimage.transform import resize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from services.common.errors import Cancelled, InvalidArgument, ResourceExhausted
-from services.generation.backends import ShapeBackend, get_backend
-from services.generation.backends import inflate
-from services.generation.backends.inflate import InflateBackend, build_mesh, solve_poisson
+from services.generation.backends import ShapeBackend, get_backend, inflate
+from services.generation.backends.inflate import (
+    InflateBackend,
+    build_mesh,
+    solve_poisson,
+)
 from services.generation.pipeline.image_preprocessing import regularize_grid_mask
 from services.generation.pipeline.mesh_export import is_closed
 
@@ -165,7 +167,7 @@ def test_random_silhouettes_give_closed_one_piece_manifolds(seed: int) -> None:
     assert mesh.body_count == 1
     assert mesh.volume > 0
     # A closed orientable surface of genus g has Euler characteristic 2 - 2g, g = the silhouette's holes.
-    background, count = ndimage.label(~np.pad(cells, 1))
+    _, count = ndimage.label(~np.pad(cells, 1))
     holes = count - 1
     assert mesh.euler_number == 2 - 2 * holes
     # Every vertex used, no face twice.

@@ -71,6 +71,8 @@ class JobManager:
         self._accepting = True
         # Seconds a job spends running, smoothed: the retry delay a full queue quotes.
         self._mean_run_s = 1.0
+        # When the last two jobs arrived (monotonic): the batch window waits only during a burst.
+        self._last_arrival = self._previous_arrival = float("-inf")
 
     # --- start-up ---------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -172,6 +174,7 @@ class JobManager:
         self._live[record.id] = job
         self._queue.append(record.id)
         self._queue_changed.set()
+        self._previous_arrival, self._last_arrival = self._last_arrival, time.monotonic()
         self._append(job, kind=pb.EVENT_KIND_QUEUED, queue_position=len(self._queue))
         self._watch_deadline(job)
         return record
@@ -286,6 +289,11 @@ class JobManager:
         """
         head = await self.wait_for_work()
         key = head.params.batch_key()
+        # Wait for company only while jobs are arriving: a lone request (none
+        # came within the last window) starts at once instead of paying the
+        # queue delay for a batch that is not coming.
+        if time.monotonic() - self._previous_arrival > max_delay_s:
+            max_delay_s = 0.0
         give_up_at = time.monotonic() + max_delay_s
         while True:
             waiting = sum(1 for j in self._queue if self._live[j].params.batch_key() == key)

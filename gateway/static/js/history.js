@@ -45,7 +45,7 @@ export class History {
       when(started),
       null,
       settings,
-      Number.isFinite(duration) ? seconds(duration) : job.status === "queued" ? `#${job.queue_position}` : "—",
+      Number.isFinite(duration) ? seconds(duration) : job.status === "queued" && job.queue_position ? `queue #${job.queue_position}` : "—",
     ];
     for (const text of cells) {
       const td = document.createElement("td");

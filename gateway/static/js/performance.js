@@ -140,12 +140,15 @@ export class PerformancePanel {
     const rows = [["Pipelines", count(num(d.total_pipelines)), "perf-total"]];
     if (num(d.succeeded_pipelines) !== null) rows.push(["Succeeded", count(num(d.succeeded_pipelines)), "perf-succeeded"]);
     if (num(d.failed_pipelines) !== null) rows.push(["Failed", count(num(d.failed_pipelines)), "perf-failed"]);
+    // Durations are over succeeded pipelines; with none, 0 ms would be a made-up figure.
+    const none = num(d.succeeded_pipelines) === 0 || num(d.total_pipelines) === 0;
+    const duration = (key) => (none ? "—" : seconds(num(d[key])));
     rows.push(
-      ["Average", seconds(num(d.avg_duration)), "perf-avg"],
-      ["Median (p50)", seconds(num(d.p50_duration)), "perf-p50"],
-      ["p95", seconds(num(d.p95_duration)), "perf-p95"],
-      ["Fastest", seconds(num(d.min_duration)), "perf-min"],
-      ["Slowest", seconds(num(d.max_duration)), "perf-max"],
+      ["Average", duration("avg_duration"), "perf-avg"],
+      ["Median (p50)", duration("p50_duration"), "perf-p50"],
+      ["p95", duration("p95_duration"), "perf-p95"],
+      ["Fastest", duration("min_duration"), "perf-min"],
+      ["Slowest", duration("max_duration"), "perf-max"],
     );
     return facts(rows);
   }

@@ -8,7 +8,7 @@ and each item's result must not depend on what else is in the batch.
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

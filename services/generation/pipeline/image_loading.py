@@ -10,6 +10,7 @@ draft mode) and then capped at MAX_WORKING_SIDE, so later stages stay fast.
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
 import zlib
@@ -18,7 +19,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.errors import InvalidArgument
-from services.generation.pipeline.params import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+from services.generation.pipeline.params import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+)
 from services.generation.pipeline.records import LoadedImage
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
@@ -128,8 +133,11 @@ def _upright(picture: Image.Image) -> Image.Image:
 
 def _draft(picture: Image.Image) -> None:
     """JPEG can decode at 1/2, 1/4 or 1/8 scale directly: far faster than decoding then shrinking."""
-    if picture.format == "JPEG" and max(picture.size) > MAX_WORKING_SIDE:
-        picture.draft(picture.mode, (MAX_WORKING_SIDE, MAX_WORKING_SIDE))
+    width, height = picture.size
+    if picture.format == "JPEG" and max(width, height) > MAX_WORKING_SIDE:
+        # draft() keeps both sides at or above the request, so ask with the picture's own aspect.
+        scale = MAX_WORKING_SIDE / max(width, height)
+        picture.draft(picture.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def _to_rgba(picture: Image.Image) -> np.ndarray:

@@ -53,31 +53,32 @@ def prepare_image(
     alpha_is_mask = alpha_mask is not None and not bool(alpha_mask.all())
 
     if remove_background != "on" and alpha_is_mask:
-        soft, mask_source = _alpha_score(rgba[..., 3]), "alpha"
+        score, mask_source = _alpha_score(rgba[..., 3]), "alpha"
     elif remove_background == "off":
-        soft, mask_source = np.ones((height, width), np.float32), "full"
+        score, mask_source = np.full((height, width), 255, np.uint8), "full"
     else:
-        soft, mask_source = _segment(rgba[..., :3]), "segmentation"
+        score, mask_source = _segment(rgba[..., :3]), "segmentation"
 
-    rgb, mask = _crop_square(rgba[..., :3], soft, foreground_ratio)
+    rgb, mask = _crop_square(rgba[..., :3], score, foreground_ratio)
     grid_mask = _grid_mask(mask, resolution)
     return PreparedImage(rgb=rgb, mask=mask, grid_mask=grid_mask, mask_source=mask_source)
 
 
 def _alpha_score(alpha: np.ndarray) -> np.ndarray:
-    """The alpha channel as a [0, 1] score, reduced to its largest component with small holes filled."""
+    """The alpha channel as a uint8 score (foreground at 128 and up), reduced to its largest component
+    with small holes filled."""
     mask = alpha >= ALPHA_THRESHOLD
     _check_share(mask, "the picture is fully transparent" if not mask.any() else "the opaque part is tiny")
     cleaned = _largest_component(mask)
     cleaned = _fill_small_holes(cleaned, max_hole=max(16, cleaned.sum() // 500))
-    score = alpha.astype(np.float32) / 255.0
     # Keep the soft edge where the clean mask agrees, force the rest.
-    score = np.where(cleaned, np.maximum(score, 0.5), np.minimum(score, 0.49))
-    return score.astype(np.float32)
+    return np.where(cleaned, np.maximum(alpha, ALPHA_THRESHOLD), np.minimum(alpha, ALPHA_THRESHOLD - 1)).astype(
+        np.uint8
+    )
 
 
 def _segment(rgb: np.ndarray) -> np.ndarray:
-    """Automatic background removal: a [0, 1] foreground score at the picture's size."""
+    """Automatic background removal: a uint8 foreground score (128 and up) at the picture's size."""
     height, width = rgb.shape[:2]
     scale = min(1.0, WORK_SIDE / max(height, width))
     small_size = (max(8, round(width * scale)), max(8, round(height * scale)))
@@ -106,10 +107,10 @@ def _segment(rgb: np.ndarray) -> np.ndarray:
             f"{_NO_FOREGROUND}: could not tell the object from the background; "
             "use a picture of one object on a plain background, or a PNG with transparency",
         )
-    soft = ndimage.gaussian_filter(mask.astype(np.float32), sigma=0.8, mode="constant")
+    soft = ndimage.gaussian_filter(mask.astype(np.float32) * 255.0, sigma=0.8, mode="constant")
     # Back to the picture's size so that the crop resamples colour and mask alike.
-    soft_image = Image.fromarray(soft, mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(soft_image, np.float32)
+    score = Image.fromarray(np.clip(soft + 0.5, 0, 255).astype(np.uint8), "L")
+    return np.asarray(score.resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _colour_features(rgb: np.ndarray) -> np.ndarray:
@@ -153,8 +154,10 @@ def _distance_to_smooth_background(features: np.ndarray, sides: np.ndarray) -> n
         weights = 1.0 / (1.0 + (residual / scale) ** 2)
     if np.median(residual) > SMOOTH_BACKGROUND_RESIDUAL:
         return None
-    predicted = _quadratic_basis(xs.ravel(), ys.ravel()) @ coefficients.astype(np.float32)
-    return np.sqrt(((features.reshape(-1, 3) - predicted) ** 2).sum(-1)).reshape(height, width)
+    # Evaluated term by term rather than as a matmul: no BLAS threads for this small product.
+    terms = (np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys)
+    predicted = sum(term[..., None] * weight.astype(np.float32) for term, weight in zip(terms, coefficients))
+    return np.sqrt(((features - predicted) ** 2).sum(-1))
 
 
 def _quadratic_basis(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -192,15 +195,14 @@ def _distance_to_background_colours(features: np.ndarray, sides: np.ndarray, clu
             kept.append(centre_array[k])
     if not kept:
         return np.full(sides.shape, np.inf, np.float32)
-    flat = features.reshape(-1, 3)
-    centres_kept = np.array(kept, np.float32)
-    squared = (flat * flat).sum(1)[:, None] - 2.0 * flat @ centres_kept.T + (centres_kept * centres_kept).sum(1)[None]
-    return np.sqrt(np.maximum(squared.min(1), 0.0)).reshape(sides.shape)
+    best = np.full(sides.shape, np.inf, np.float32)
+    for centre in kept:
+        best = np.minimum(best, ((features - centre) ** 2).sum(-1))
+    return np.sqrt(best)
 
 
 def _nearest(samples: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    squared = -2.0 * samples @ centres.T + (centres * centres).sum(1)[None]
-    return np.argmin(squared, axis=1)
+    return np.argmin(((samples[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -244,10 +246,11 @@ def _fill_small_holes(mask: np.ndarray, max_hole: int) -> np.ndarray:
     return mask | small[holes]
 
 
-def _crop_square(rgb: np.ndarray, soft: np.ndarray, foreground_ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Crop around the mask's bounding box onto a square where the object's longer side fills foreground_ratio."""
-    rows = np.flatnonzero((soft >= 0.5).any(axis=1))
-    cols = np.flatnonzero((soft >= 0.5).any(axis=0))
+def _crop_square(rgb: np.ndarray, score: np.ndarray, foreground_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Crop around the mask's bounding box onto a square where the object's longer side fills
+    foreground_ratio. score: (H, W) uint8, foreground at 128 and above."""
+    inside = score >= 128
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if rows.size == 0:
         raise InvalidArgument("image", f"{_NO_FOREGROUND}: the mask is empty")
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -257,17 +260,23 @@ def _crop_square(rgb: np.ndarray, soft: np.ndarray, foreground_ratio: float) -> 
     out_side = int(np.clip(round(side), MIN_CROP_SIDE, MAX_CROP_SIDE))
     scale = out_side / side
 
-    height, width = soft.shape
+    height, width = score.shape
     ix0, iy0 = max(0.0, x0), max(0.0, y0)
     ix1, iy1 = min(float(width), x0 + side), min(float(height), y0 + side)
     ox0, oy0 = round((ix0 - x0) * scale), round((iy0 - y0) * scale)
     ox1, oy1 = round((ix1 - x0) * scale), round((iy1 - y0) * scale)
 
-    source = Image.fromarray(rgb, "RGB")
-    source.putalpha(Image.fromarray(np.clip(soft * 255.0 + 0.5, 0, 255).astype(np.uint8), "L"))
+    # Only the pixels the crop covers (plus one for the filter's reach) go through PIL.
+    px0, py0 = max(0, int(ix0) - 1), max(0, int(iy0) - 1)
+    px1, py1 = min(width, int(np.ceil(ix1)) + 1), min(height, int(np.ceil(iy1)) + 1)
+    region = np.empty((py1 - py0, px1 - px0, 4), np.uint8)
+    region[..., :3] = rgb[py0:py1, px0:px1]
+    region[..., 3] = score[py0:py1, px0:px1]
     # RGBA resampling in PIL is alpha-premultiplied, so background colour does not bleed into the edge.
-    patch = source.resize((ox1 - ox0, oy1 - oy0), Image.Resampling.BILINEAR, box=(ix0, iy0, ix1, iy1),
-                          reducing_gap=None)
+    patch = Image.fromarray(region, "RGBA").resize(
+        (ox1 - ox0, oy1 - oy0), Image.Resampling.BILINEAR, box=(ix0 - px0, iy0 - py0, ix1 - px0, iy1 - py0),
+        reducing_gap=None,
+    )
     canvas = np.zeros((out_side, out_side, 4), np.uint8)
     canvas[oy0:oy1, ox0:ox1] = np.asarray(patch)
     mask = _largest_component(canvas[..., 3] >= 128)

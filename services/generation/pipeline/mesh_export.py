@@ -22,8 +22,8 @@ import json
 import struct
 import threading
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import fast_simplification
 import numpy as np
@@ -34,7 +34,11 @@ from scipy.sparse.csgraph import connected_components
 from services.common.errors import InvalidArgument
 from services.generation.pipeline.params import FORMATS
 from services.generation.pipeline.records import ExportedMesh, TexturedShape
-from services.generation.pipeline.texture_synthesis import EXTRAS_ATLAS, atlas_uv, sample_atlas
+from services.generation.pipeline.texture_synthesis import (
+    EXTRAS_ATLAS,
+    atlas_uv,
+    sample_atlas,
+)
 
 # fast_simplification keeps the mesh being simplified in module-level C++ state: one call at a time.
 _SIMPLIFY_LOCK = threading.Lock()
@@ -259,7 +263,7 @@ def _write_glb(mesh: _Mesh, png: bytes | None) -> bytes:
         accessor: dict[str, object] = {
             "bufferView": add_view(np.ascontiguousarray(array).tobytes(), target),
             "componentType": component,
-            "count": int(len(array)),
+            "count": len(array),
             "type": kind,
         }
         if normalized:
