@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import errors, views
-from gateway.metrics import install_metrics
+from gateway.metrics import install_metrics, subscriber
 from gateway.performance_routes import router as performance_router
 from gateway.studio import mount_studio
 from gateway.errors import ApiError
@@ -231,17 +231,20 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
     async def events_ws(websocket: WebSocket, generation_id: str) -> None:
         await websocket.accept()
         call = _stub(websocket).WatchGeneration(pb.WatchGenerationRequest(id=generation_id))
-        try:
-            async for message in call:
-                name, data = views.event(message)
-                await websocket.send_json({"event": name, "data": data})
-            await websocket.close()
-        except grpc.aio.AioRpcError as exc:
-            err = errors.from_rpc_error(exc)
-            await websocket.send_json({"event": "error", "data": {"error": {"code": err.code, "message": err.message}}})
-            await websocket.close(code=4000 + err.status)
-        except WebSocketDisconnect:
-            call.cancel()
+        with subscriber("websocket"):
+            try:
+                async for message in call:
+                    name, data = views.event(message)
+                    await websocket.send_json({"event": name, "data": data})
+                await websocket.close()
+            except grpc.aio.AioRpcError as exc:
+                err = errors.from_rpc_error(exc)
+                await websocket.send_json(
+                    {"event": "error", "data": {"error": {"code": err.code, "message": err.message}}}
+                )
+                await websocket.close(code=4000 + err.status)
+            except WebSocketDisconnect:
+                call.cancel()
 
     @app.get(
         "/api/v1/generations/{generation_id}/result",
@@ -304,29 +307,33 @@ async def _first_message(call: Any) -> Any:
     return message
 
 
-async def _sse(call: Any, first: pb.GenerationEvent, after: int) -> AsyncIterator[bytes]:
-    def frame(message: pb.GenerationEvent) -> bytes:
-        name, data = views.event(message)
-        return f"id: {message.sequence}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
+def _sse_frame(message: pb.GenerationEvent) -> bytes:
+    name, data = views.event(message)
+    return f"id: {message.sequence}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
-    try:
-        if first.sequence > after:
-            yield frame(first)
-        while True:
-            try:
-                message = await asyncio.wait_for(call.read(), SSE_KEEPALIVE_S)
-            except asyncio.TimeoutError:
-                yield b": keep-alive\n\n"
-                continue
-            if message is grpc.aio.EOF:
-                return
-            if message.sequence > after:
-                yield frame(message)
-    except grpc.aio.AioRpcError as exc:
-        err = errors.from_rpc_error(exc)
-        yield f"event: error\ndata: {json.dumps({'error': {'code': err.code, 'message': err.message}})}\n\n".encode()
-    finally:
-        call.cancel()
+
+async def _sse(call: Any, first: pb.GenerationEvent, after: int) -> AsyncIterator[bytes]:
+    """Frames for the events after `after` (Last-Event-ID), with keep-alive comments while a stage runs."""
+    with subscriber("sse"):
+        try:
+            if first.sequence > after:
+                yield _sse_frame(first)
+            while True:
+                try:
+                    message = await asyncio.wait_for(call.read(), SSE_KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                if message is grpc.aio.EOF:
+                    return
+                if message.sequence > after:
+                    yield _sse_frame(message)
+        except grpc.aio.AioRpcError as exc:
+            err = errors.from_rpc_error(exc)
+            error = {"error": {"code": err.code, "message": err.message}}
+            yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
+        finally:
+            call.cancel()
 
 
 async def _read_submission(request: Request, max_upload_bytes: int) -> tuple[bytes, dict[str, Any]]:

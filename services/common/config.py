@@ -86,6 +86,8 @@ class GenerationConfig:
     artifact_budget_mb: int = 10_240
     retention_interval_s: float = 60.0
     device_sample_interval_s: float = 5.0
+    # Reports waiting for telemetry, per kind; beyond it the oldest are dropped (and counted).
+    telemetry_buffer_size: int = 1000
     # Prometheus metrics over HTTP on this port (0: off).
     metrics_port: int = 9101
     log_level: str = "INFO"

@@ -17,6 +17,10 @@ OPEN_METHOD_PREFIXES = (f"/{health.SERVICE_NAME}/",)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    # Reconnect within a second or two of a restarted service; gRPC's own
+    # back-off grows to two minutes, which outlasts any restart.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from pb.orfeas.generation.v1 import generation_pb2 as pb
+from services.common import metrics
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -158,6 +159,7 @@ class JobManager:
         self.store.insert(record)
         record.stage = "image_loading"
         record.stage_timings["image_loading"] = loading_s
+        metrics.record_stage("image_loading", loading_s)
         record.progress = convert.overall_progress("image_loading", 1.0)
         self.store.update(record)
         job = LiveJob(record=record, loaded=loaded)
@@ -328,6 +330,7 @@ class JobManager:
     async def mark_running(self, job: LiveJob) -> None:
         job.record.status = "running"
         job.record.started_at = time.time()
+        metrics.record_queue_wait(job.record.started_at - job.record.created_at)
         job.record.attempts += 1
         self.store.update(job.record)
 
@@ -338,6 +341,8 @@ class JobManager:
         record.stage = stage
         record.progress = convert.overall_progress(stage, stage_progress)
         if state == "completed":
+            # Recorded where the event is made, so the histogram and what clients see agree.
+            metrics.record_stage(stage, elapsed_s)
             record.stage_timings[stage] = elapsed_s
         if state in ("started", "completed", "failed"):
             self.store.update(record)
@@ -360,6 +365,7 @@ class JobManager:
         record = job.record
         record.status = status
         record.finished_at = time.time()
+        metrics.record_job_finished(status, error[0] if error else None, record.finished_at - record.created_at)
         if status == "succeeded":
             record.progress = 1.0
             record.result = result

@@ -12,6 +12,7 @@ import torch
 
 from pb.orfeas.generation.v1 import generation_pb2
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
+from services.common import metrics
 from services.common.config import GenerationConfig, SecurityConfig
 from services.common.grpc_security import bind, server_interceptors
 from services.common.grpc_server import create_server, serve_until_signalled, set_serving
@@ -46,7 +47,11 @@ async def serve(config: GenerationConfig) -> None:
     recovered = manager.recover()
     memory_limit = config.memory_limit_mb * 2**20
     worker_id = f"{socket.gethostname()}:{config.port}:{device}"
-    telemetry = TelemetryClient(config.telemetry_address, target_utilization=config.target_utilization)
+    telemetry = TelemetryClient(
+        config.telemetry_address,
+        buffer_size=config.telemetry_buffer_size,
+        target_utilization=config.target_utilization,
+    )
     await telemetry.start()
     sampler = DeviceSampler(worker_id, telemetry.report_device_sample, config.device_sample_interval_s)
     await sampler.start()
@@ -64,12 +69,19 @@ async def serve(config: GenerationConfig) -> None:
     admission = Admission()
 
     security = SecurityConfig.from_env()
-    server, health = create_server([SERVICE_NAME], server_interceptors(security))
+    server, health = create_server(
+        [SERVICE_NAME], [metrics.MetricsInterceptor("generation"), *server_interceptors(security)]
+    )
     pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(manager, admission), server)
     address = f"{config.host}:{config.port}"
     bind(server, address, security)
     await server.start()
     worker.start()
+    if config.metrics_port:
+        metrics.start_metrics_server(config.host, config.metrics_port)
+    metrics.track_queue_length(lambda: manager.queue_length)
+    metrics.track_devices(lambda: sampler.latest)
+    metrics.track_telemetry_dropped(lambda: telemetry.reports_dropped)
     sweeper = RetentionSweeper(store, artifacts, config.retention_s, config.artifact_budget_mb * 2**20)
     sweeping = asyncio.create_task(sweeper.run_forever(config.retention_interval_s))
     await set_serving(health, [SERVICE_NAME], True)

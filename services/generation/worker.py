@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from services.common import metrics
 from services.common.errors import Cancelled, ResourceExhausted, ServiceError
 from services.generation.artifacts import ArtifactStore
 from services.generation.jobs import JobManager, LiveJob
@@ -182,6 +183,7 @@ class BatchWorker:
             params, waiting = await self.manager.batch_window(self.max_batch_size, self.max_queue_delay_s)
             head_size = self.manager.head_image_size()
             decision = await self.sizer.decide(waiting, params, head_size)
+            metrics.record_batch_decision(decision.source, decision.size)
             log.info(
                 "batch size decision",
                 extra={
@@ -334,6 +336,7 @@ class BatchWorker:
             return all(job.cancel_requested for job in jobs)
 
         def run() -> tuple[list[Shape], int]:
+            compute_started = time.perf_counter()
             self.memory.check(len(batch), item_bytes)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -348,6 +351,7 @@ class BatchWorker:
                 peak = torch.cuda.max_memory_allocated(self.device)
             else:
                 peak = item_bytes * len(batch)  # modelled: the CPU has no allocator high-water mark
+            metrics.record_batch(len(batch), time.perf_counter() - compute_started, peak, str(self.device))
             return shapes, peak
 
         try:
@@ -358,6 +362,7 @@ class BatchWorker:
                     raise
                 return [exc] * len(batch)
             self.sizer.record_outcome(params, len(batch), 0, out_of_memory=True)
+            metrics.record_out_of_memory(len(batch), str(self.device))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) == 1:
