@@ -169,3 +169,23 @@ def _generate_then_disconnect(stub, cancel_on_disconnect: bool) -> str:
     return first.generation_id
 
 
+
+
+def test_cancelling_one_job_leaves_its_batch_mate_unaffected(small_queue, queue_stub):
+    stub = queue_stub
+    # Three slow jobs fill the device, the prepared slot and the preparing loop,
+    # so the next two wait in the queue together and are taken as one batch.
+    pacers = occupy(stub)
+    params = dict(resolution=320, steps=500, face_count=2000, texture_size=256)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda s: stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(), seed=s, **params)).id, (1, 2))
+    for pacer in pacers:
+        stub.CancelGeneration(pb.CancelGenerationRequest(id=pacer))
+    for event in stub.WatchGeneration(pb.WatchGenerationRequest(id=a), timeout=120):
+        if event.stage == pb.STAGE_SHAPE_GENERATION and event.state == pb.STAGE_STATE_STARTED:
+            stub.CancelGeneration(pb.CancelGenerationRequest(id=a))
+            break
+    assert watch(stub, a)[-1].outcome.status == pb.JOB_STATUS_CANCELLED
+    assert watch(stub, b)[-1].outcome.status == pb.JOB_STATUS_SUCCEEDED
+    finished = {e["job_id"]: e for e in entries(small_queue.log_dir / "generation.log", "job finished")}
+    assert finished[b]["batch_size"] == 2  # they did share the batch

@@ -211,3 +211,29 @@ def test_a_damaged_result_file_is_refused_not_served(tmp_path):
         channel.close()
     finally:
         stack.stop_all()
+
+
+def test_the_artifact_disk_budget_removes_the_oldest_results_first(tmp_path):
+    stack = new_stack(tmp_path, "budget", GENERATION_RETENTION_INTERVAL_S="0.3")
+    stack.start_all()
+    try:
+        channel, stub = stub_for(stack)
+        first = list(stub.Generate(pb.GenerateRequest(image=disk_png(), **SMALL), timeout=120))[-1]
+        one_job = sum(s.bytes for s in first.outcome.result.sizes)
+        channel.close()
+        # Room for two and a half jobs' files.
+        stack.stop("generation")
+        stack.extra_env["GENERATION_ARTIFACT_BUDGET_MB"] = str(2.5 * one_job / 2**20)
+        stack.start("generation")
+        channel, stub = stub_for(stack)
+        later = [list(stub.Generate(pb.GenerateRequest(image=disk_png(), seed=i, **SMALL), timeout=120))[-1]
+                 for i in range(3)]
+        time.sleep(1.0)
+        response = httpx.get(f"{stack.gateway_url}/api/v1/generations/{first.generation_id}")
+        assert response.status_code == 404 and "disk budget" in response.json()["error"]["message"]
+        for end in later[-2:]:
+            data, digest = download(stub, end.generation_id)
+            assert hashlib.sha256(data).hexdigest() == digest
+        channel.close()
+    finally:
+        stack.stop_all()

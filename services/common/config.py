@@ -78,12 +78,14 @@ class GenerationConfig:
     # out-of-memory path on the CPU, where Linux overcommits instead of
     # failing an allocation. 0 means none.
     memory_limit_mb: int = 0
+    # Processes that run mesh_export (0: a thread in the service process instead).
+    export_processes: int = 2
     grace_period_s: float = 20.0
     max_attempts: int = 2
     # Retention: finished jobs and their files expire after this long, and the
     # oldest go first whenever the result files exceed the disk budget.
     retention_s: float = 7 * 24 * 3600.0
-    artifact_budget_mb: int = 10_240
+    artifact_budget_mb: float = 10_240.0
     retention_interval_s: float = 60.0
     device_sample_interval_s: float = 5.0
     # Reports waiting for telemetry, per kind; beyond it the oldest are dropped (and counted).

@@ -21,6 +21,7 @@ from services.generation.admission import Admission
 from services.generation.artifacts import ArtifactStore
 from services.generation.batch_sizing import OptimizerBatchSizer
 from services.generation.device_monitor import DeviceSampler
+from services.generation.export_pool import ExportPool
 from services.generation.profile_reporting import TelemetryProfileSink
 from services.generation.telemetry_client import TelemetryClient
 from services.generation.job_store import JobStore
@@ -64,6 +65,7 @@ async def serve(config: GenerationConfig) -> None:
         config.max_queue_delay_ms,
         config.max_batch_size,
         MemoryBudget(memory_limit),
+        ExportPool(config.export_processes, artifacts.root),
         profiles=TelemetryProfileSink(telemetry, worker_id),
     )
     admission = Admission()
@@ -82,7 +84,7 @@ async def serve(config: GenerationConfig) -> None:
     metrics.track_queue_length(lambda: manager.queue_length)
     metrics.track_devices(lambda: sampler.latest)
     metrics.track_telemetry_dropped(lambda: telemetry.reports_dropped)
-    sweeper = RetentionSweeper(store, artifacts, config.retention_s, config.artifact_budget_mb * 2**20)
+    sweeper = RetentionSweeper(store, artifacts, config.retention_s, int(config.artifact_budget_mb * 2**20))
     sweeping = asyncio.create_task(sweeper.run_forever(config.retention_interval_s))
     await set_serving(health, [SERVICE_NAME], True)
     log.info("serving", extra={"address": address, "device": str(device), "recovered": recovered})

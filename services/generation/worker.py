@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,10 +28,10 @@ import torch
 from services.common import metrics
 from services.common.errors import Cancelled, ResourceExhausted, ServiceError
 from services.generation.artifacts import ArtifactStore
+from services.generation.export_pool import ExportPool
 from services.generation.jobs import JobManager, LiveJob
 from services.generation.pipeline.image_loading import load_image
 from services.generation.pipeline.image_preprocessing import prepare_image
-from services.generation.pipeline.mesh_export import export_mesh
 from services.generation.pipeline.params import FORMATS, GenerationParams
 from services.generation.pipeline.records import PreparedImage, Shape
 from services.generation.pipeline.texture_synthesis import synthesize_texture
@@ -131,6 +131,7 @@ class BatchWorker:
         max_queue_delay_ms: float,
         max_batch_size: int,
         memory: MemoryBudget,
+        exports: ExportPool,
         profiles: ProfileSink | None = None,
         cpu_threads: int = 2,
     ) -> None:
@@ -141,6 +142,7 @@ class BatchWorker:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_batch_size = max_batch_size
         self.memory = memory
+        self.exports = exports
         self.profiles = profiles
         self._cpu = ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-stage")
         # One thread owns the device, so batches never interleave on it.
@@ -173,6 +175,7 @@ class BatchWorker:
         await asyncio.gather(self._tasks[1], return_exceptions=True)
         self._cpu.shutdown(wait=False, cancel_futures=True)
         self._device_thread.shutdown(wait=False, cancel_futures=True)
+        self.exports.shutdown()
 
     async def _cpu_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, lambda: fn(*args, **kwargs))
@@ -243,11 +246,17 @@ class BatchWorker:
             return None
 
     async def _stage(self, job: LiveJob, profile: JobProfile, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run fn on the CPU pool as one timed stage, with its started/completed (or failed) events."""
+        return await self._timed_stage(job, profile, stage, lambda: self._cpu_call(fn, *args, **kwargs))
+
+    async def _timed_stage(
+        self, job: LiveJob, profile: JobProfile, stage: str, run: Callable[[], Awaitable[Any]]
+    ) -> Any:
         await self.manager.emit_stage(job, stage, "started", 0.0, 0.0)
         offset = time.time() - profile.started_at
         started = time.perf_counter()
         try:
-            result = await self._cpu_call(fn, *args, **kwargs)
+            result = await run()
         except BaseException:
             await self.manager.emit_stage(job, stage, "failed", 0.0, time.perf_counter() - started)
             raise
@@ -401,19 +410,12 @@ class BatchWorker:
                 seed=params.seed,
             )
             self._check_continue(job)
-            exported = await self._stage(
-                job, profile, "mesh_export", export_mesh, textured, face_count=params.face_count, formats=FORMATS
+            result = await self._timed_stage(
+                job,
+                profile,
+                "mesh_export",
+                lambda: self.exports.export(job.id, textured, params.face_count, FORMATS),
             )
-            checksums = await self._cpu_call(self.artifacts.write_results, job.id, exported.files)
-            result = {
-                "vertices": exported.vertices,
-                "faces": exported.faces,
-                "watertight": exported.watertight,
-                "volume": exported.volume,
-                "extents": list(exported.extents),
-                "sizes": {fmt: len(data) for fmt, data in exported.files.items()},
-                "sha256": checksums,
-            }
             profile.succeeded = True
             await self.manager.finish(job, "succeeded", result=result)
             self._log_job(job, profile)

@@ -1,0 +1,81 @@
+"""mesh_export in worker processes.
+
+Decimation and the file writers hold the GIL for long stretches (about a
+second at a time for a 1024² grid), and fast_simplification keeps its mesh in
+process-wide state, so in a thread it would both freeze the event loop (and
+with it health checks, status calls and every event stream) and serialise
+all exports. In processes, exports run truly in parallel with the device
+and with each other, and the loop stays responsive. Each process writes the
+files itself, so only the statistics travel back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import ServiceError
+from services.generation.artifacts import ArtifactStore
+from services.generation.pipeline.records import TexturedShape
+
+log = logging.getLogger(__name__)
+
+
+def export_and_store(
+    textured: TexturedShape, face_count: int, formats: Sequence[str], artifacts_root: str, job_id: str
+) -> dict[str, Any]:
+    """mesh_export, then every file written atomically; returns the job's result statistics."""
+    from services.generation.pipeline.mesh_export import export_mesh
+
+    exported = export_mesh(textured, face_count=face_count, formats=formats)
+    checksums = ArtifactStore(Path(artifacts_root)).write_results(job_id, exported.files)
+    return {
+        "vertices": exported.vertices,
+        "faces": exported.faces,
+        "watertight": exported.watertight,
+        "volume": exported.volume,
+        "extents": list(exported.extents),
+        "sizes": {fmt: len(data) for fmt, data in exported.files.items()},
+        "sha256": checksums,
+    }
+
+
+def _warm_up() -> None:
+    import services.generation.pipeline.mesh_export  # noqa: F401 - pay the imports before the first job
+
+
+class ExportPool:
+    """`processes` worker processes; 0 runs exports on a thread instead (simpler to debug)."""
+
+    def __init__(self, processes: int, artifacts_root: Path) -> None:
+        self.processes = processes
+        self.artifacts_root = str(artifacts_root)
+        self._executor: Executor = self._new_executor()
+
+    def _new_executor(self) -> Executor:
+        if self.processes <= 0:
+            return ThreadPoolExecutor(1, thread_name_prefix="export")
+        # spawn, not fork: the parent runs threads (torch, gRPC) that a fork would copy mid-flight.
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self.processes, mp_context=context, initializer=_warm_up)
+
+    async def export(self, job_id: str, textured: TexturedShape, face_count: int, formats: Sequence[str]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, export_and_store, textured, face_count, tuple(formats), self.artifacts_root, job_id
+            )
+        except BrokenProcessPool:
+            # A worker died (the kernel's OOM killer, say): replace the pool so later jobs still run.
+            log.error("an export process died; restarting the export pool", extra={"job_id": job_id})
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._new_executor()
+            raise ServiceError("internal error: the export process died while writing this mesh") from None
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
