@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import signal
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -45,7 +46,10 @@ def export_and_store(
     }
 
 
-def _warm_up() -> None:
+def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group; the service decides when its
+    # exports stop (after the grace period), not the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import services.generation.pipeline.mesh_export  # noqa: F401 - pay the imports before the first job
 
 
@@ -62,7 +66,7 @@ class ExportPool:
             return ThreadPoolExecutor(1, thread_name_prefix="export")
         # spawn, not fork: the parent runs threads (torch, gRPC) that a fork would copy mid-flight.
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.processes, mp_context=context, initializer=_warm_up)
+        return ProcessPoolExecutor(self.processes, mp_context=context, initializer=_init_worker)
 
     async def export(self, job_id: str, textured: TexturedShape, face_count: int, formats: Sequence[str]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -77,5 +81,6 @@ class ExportPool:
             self._executor = self._new_executor()
             raise ServiceError("internal error: the export process died while writing this mesh") from None
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, wait: bool) -> None:
+        """wait: let the (idle) processes exit cleanly; else leave an export still running to die with us."""
+        self._executor.shutdown(wait=wait, cancel_futures=True)

@@ -175,7 +175,7 @@ class BatchWorker:
         await asyncio.gather(self._tasks[1], return_exceptions=True)
         self._cpu.shutdown(wait=False, cancel_futures=True)
         self._device_thread.shutdown(wait=False, cancel_futures=True)
-        self.exports.shutdown()
+        self.exports.shutdown(wait=not self._finishing)
 
     async def _cpu_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, lambda: fn(*args, **kwargs))
