@@ -25,6 +25,7 @@ from bench.common import (
     own_stack,
     peak_rss_bytes,
     percentile,
+    process_tree,
     photo_png,
     reset_peak_rss,
     rss_bytes,
@@ -73,8 +74,9 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
         async with httpx.AsyncClient(base_url=stack.gateway_url, limits=httpx.Limits(max_connections=4 * jobs)) as client:
             await generate_via_gateway(client, image, params)  # warm-up
             pid = stack.processes["generation"].pid
-            rss_before = rss_bytes(stack)["generation"]
-            hwm_reset = reset_peak_rss(pid)
+            rss_before = rss_bytes(stack)["generation"]  # workers included
+            tree = [p.pid for p in process_tree(pid)]
+            hwm_reset = all(reset_peak_rss(p) for p in tree)
             cpu_before = _cpu_seconds(stack)
             before = _scrape_or_empty(metrics_url)
             stop = asyncio.Event()
@@ -88,7 +90,8 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
             cpu_used = _cpu_seconds(stack) - cpu_before
             stop.set()
             after = _scrape_or_empty(metrics_url)
-            peak = int(await cuda_peak) if cuda_peak is not None else peak_rss_bytes(pid)
+            # The sum of each process's high-water mark: an upper bound on their peak together.
+            peak = int(await cuda_peak) if cuda_peak is not None else sum(peak_rss_bytes(p) for p in tree)
             records = await asyncio.gather(*(job_record(client, r.job_id) for r in runs if r.job_id))
     ids = {r.job_id for r in runs}
     logged = [e for e in log_records(stack.log_dir / "generation.log", "job finished") if e.get("job_id") in ids]
@@ -123,7 +126,7 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
         "peak_above_start_bytes": max(0, peak - rss_before) if cuda_peak is None else peak,
         "peak_measured_from": (
             "device memory in use, sampled every 0.25 s" if cuda_peak is not None
-            else "generation RSS high-water mark (VmHWM) " + ("since reset" if hwm_reset else "since start")
+            else "sum of the generation processes' RSS high-water marks (VmHWM) " + ("since reset" if hwm_reset else "since start")
         ),
         "budget_bytes": memory_budget_bytes(),
         "errors": sorted({f"{r.http_status} {r.status} {r.error}" for r in runs if r not in ok}),
@@ -131,13 +134,15 @@ async def _one_mode(mode: str, env: dict[str, str], jobs: int, params: dict[str,
 
 
 def _cpu_seconds(stack: Any) -> float:
+    """CPU time of every service process and its workers so far."""
     total = 0.0
     for proc in stack.processes.values():
-        try:
-            times = psutil.Process(proc.pid).cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
+        for p in process_tree(proc.pid):
+            try:
+                times = p.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
     return total
 
 

@@ -24,7 +24,8 @@ from services.stack import Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
-LOG_DIR = BENCH_DIR / "logs"
+# Ignored by git (.gitignore: bench/out/): logs are evidence for a run, not source.
+LOG_DIR = BENCH_DIR / "out" / "logs"
 
 # The photo of every latency figure: issue 2 asks for a 512-pixel photo.
 PHOTO = ("astronaut", 512)
@@ -99,7 +100,7 @@ def summary(values: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------- stack
 @contextmanager
 def own_stack(name: str, **extra_env: str) -> Iterator[Stack]:
-    """A whole stack on free loopback ports with a throw-away data dir; logs under bench/logs/<name>/."""
+    """A whole stack on free loopback ports with a throw-away data dir; logs under bench/out/logs/<name>/."""
     log_dir = LOG_DIR / name
     if log_dir.exists():
         for old in log_dir.glob("*.log"):
@@ -122,14 +123,26 @@ def own_stack(name: str, **extra_env: str) -> Iterator[Stack]:
             stack.stop_all()
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A service's process and its children (the generation service's export workers)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def rss_bytes(stack: Stack) -> dict[str, int]:
-    """Resident memory of each service process now."""
+    """Resident memory of each service now, its worker processes included."""
     out = {}
     for name, proc in stack.processes.items():
-        try:
-            out[name] = psutil.Process(proc.pid).memory_info().rss
-        except psutil.Error:
-            out[name] = 0
+        total = 0
+        for p in process_tree(proc.pid):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        out[name] = total
     return out
 
 

@@ -344,16 +344,19 @@ class JobManager:
             # Recorded where the event is made, so the histogram and what clients see agree.
             metrics.record_stage(stage, elapsed_s)
             record.stage_timings[stage] = elapsed_s
-        if state in ("started", "completed", "failed"):
-            self.store.update(record)
-        await self._publish(
-            job,
-            kind=pb.EVENT_KIND_STAGE,
-            stage=convert.STAGE_ENUM[stage],
-            state=convert.STATE_ENUM[state],
-            stage_progress=stage_progress,
-            elapsed_seconds=elapsed_s,
-        )
+        async with job.changed:
+            with self.store.transaction():
+                if state in ("started", "completed", "failed"):
+                    self.store.update(record)
+                self._next_event(
+                    job,
+                    kind=pb.EVENT_KIND_STAGE,
+                    stage=convert.STAGE_ENUM[stage],
+                    state=convert.STATE_ENUM[state],
+                    stage_progress=stage_progress,
+                    elapsed_seconds=elapsed_s,
+                )
+            job.changed.notify_all()
 
     async def finish(
         self,
@@ -371,10 +374,13 @@ class JobManager:
             record.result = result
         if error is not None:
             record.error_code, record.error_message = error
-        self.store.update(record)
         if record.started_at is not None:
             self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * (record.finished_at - record.started_at)
-        await self._publish_terminal(job)
+        async with job.changed:
+            with self.store.transaction():
+                self.store.update(record)
+                self._append_terminal(job)
+            job.changed.notify_all()
         self._live.pop(job.id, None)
         # Results are all that is kept of a finished job; its input can go.
         self.artifacts.delete_input(job.id)
@@ -423,16 +429,6 @@ class JobManager:
 
     def _append_terminal(self, job: LiveJob) -> None:
         self._next_event(job, kind=pb.EVENT_KIND_TERMINAL, outcome=convert.outcome_message(job.record))
-
-    async def _publish(self, job: LiveJob, **fields: object) -> None:
-        async with job.changed:
-            self._next_event(job, **fields)
-            job.changed.notify_all()
-
-    async def _publish_terminal(self, job: LiveJob) -> None:
-        async with job.changed:
-            self._append_terminal(job)
-            job.changed.notify_all()
 
 
 def _parse_event(data: bytes) -> pb.GenerationEvent:

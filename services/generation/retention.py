@@ -35,7 +35,8 @@ class RetentionSweeper:
             if total <= self.budget_bytes:
                 break
             total -= sizes[job_id]
-            await self._expire(job_id, f"removed, oldest first, to keep results under {self.budget_bytes / 2**20:.0f} MiB", now)
+            reason = f"removed, oldest first, to keep results within the disk budget of {self.budget_bytes / 2**20:.1f} MiB"
+            await self._expire(job_id, reason, now)
             counts["over_budget"] += 1
         if counts["expired"] or counts["over_budget"]:
             log.info("retention sweep", extra=counts)
