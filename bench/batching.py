@@ -25,8 +25,8 @@ from bench.common import (
     own_stack,
     peak_rss_bytes,
     percentile,
-    process_tree,
     photo_png,
+    process_tree,
     reset_peak_rss,
     rss_bytes,
     scrape,
@@ -62,7 +62,7 @@ async def _device_peak(client: httpx.AsyncClient, url: str, stop: asyncio.Event)
             pass
         try:
             await asyncio.wait_for(stop.wait(), 0.25)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     return peak
 

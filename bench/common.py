@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -58,7 +59,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "kernel": platform.release(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cuda": torch.cuda.is_available(),
         # Anything else running skews every figure; the report says so.
         "load_average": [round(v, 2) for v in os.getloadavg()],
@@ -307,7 +308,7 @@ def run_async(coro: Any) -> Any:
 
 
 def fmt_s(seconds: float) -> str:
-    if seconds != seconds:
+    if math.isnan(seconds):
         return "n/a"
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
 

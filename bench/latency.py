@@ -94,7 +94,7 @@ def _epoch(value: Any) -> float | None:
         return float(value)
     if isinstance(value, str) and value:
         try:
-            return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            return dt.datetime.fromisoformat(value).timestamp()
         except ValueError:
             return None
     return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -31,7 +32,17 @@ from typing import Any
 
 import httpx
 
-from bench.common import BENCH_DIR, SMALL, fmt_bytes, follow_events, machine, own_stack, percentile, photo_png, rss_bytes
+from bench.common import (
+    BENCH_DIR,
+    SMALL,
+    fmt_bytes,
+    follow_events,
+    machine,
+    own_stack,
+    percentile,
+    photo_png,
+    rss_bytes,
+)
 from services.stack import Stack
 
 REQUEST_TIMEOUT_S = 60.0  # one HTTP exchange; hitting it counts as a timeout, the thing that must not happen
@@ -99,7 +110,7 @@ class Phase:
             "rss_start_bytes": self.rss_samples[0] if self.rss_samples else {},
             "rss_peak_bytes": peak,
             "rss_end_bytes": self.rss_samples[-1] if self.rss_samples else {},
-            "queue_length_max": max((q for q in self.queue_samples if q == q), default=None),
+            "queue_length_max": max((q for q in self.queue_samples if not math.isnan(q)), default=None),
         }
 
 
@@ -173,7 +184,7 @@ class Load:
                 phase.queue_samples.append(await _queue_length(self.client, metrics_url))
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

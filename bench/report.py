@@ -58,7 +58,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     leak = results.get("leak")
     if leak:
         growth = leak["growth_bytes"].get("generation", 0)
-        first, last = list(leak["rss_by_jobs"])[0], list(leak["rss_by_jobs"])[-1]
+        first, last = next(iter(leak["rss_by_jobs"])), list(leak["rss_by_jobs"])[-1]
         rows.append(
             (f"generation RSS after {last} jobs − after {first}", fmt_bytes(growth), "", "")
         )
@@ -82,11 +82,11 @@ def markdown(results: dict[str, Any]) -> str:
         "# ORFEAS benchmark results",
         "",
         f"Command: `{results['command']}`  ",
-        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM{gpu}; torch {m['torch']} "
-        f"({m['torch_threads']} threads), Python {m['python']}, Linux {m['kernel']}  ",
-        f"Date: {m['date']}; suite wall time {results['wall_s']:.0f} s; load average at the start "
+        (f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM{gpu}; torch {m['torch']} "
+        f"({m['torch_threads']} threads), Python {m['python']}, Linux {m['kernel']}  "),
+        (f"Date: {m['date']}; suite wall time {results['wall_s']:.0f} s; load average at the start "
         f"{m.get('load_average', ['?'])[0]}; CPU-seconds used by other processes during the run "
-        f"{results.get('cpu_seconds_of_other_processes', float('nan')):.0f}",
+        f"{results.get('cpu_seconds_of_other_processes', float('nan')):.0f}"),
         "",
         "Medians unless said otherwise. Every comparison is a ratio of figures taken in this one run.",
         "",
@@ -150,8 +150,8 @@ def _batching(bat: dict[str, Any] | None) -> list[str]:
         "",
         table(rows, ("mode", "ok", "wall", "jobs/s", "p50", "p95", "batches (count×size)", "peak RSS", "peak above idle", "budget")),
         "",
-        f"Throughput ratio dynamic / one-at-a-time: **{bat['speedup_throughput']:.2f}×**; "
-        f"p50 ratio {bat['p50_ratio']:.2f}, p95 ratio {bat['p95_ratio']:.2f}.",
+        (f"Throughput ratio dynamic / one-at-a-time: **{bat['speedup_throughput']:.2f}×**; "
+        f"p50 ratio {bat['p50_ratio']:.2f}, p95 ratio {bat['p95_ratio']:.2f}."),
         "",
         "The ceiling: CPU-seconds the services spent per job, and the throughput the cores allow at that cost "
         "(nproc / CPU-seconds per job): "
@@ -161,9 +161,9 @@ def _batching(bat: dict[str, Any] | None) -> list[str]:
         )
         + ".",
         "",
-        f"Batching only speeds up shape_generation, {bat.get('shape_generation_share', float('nan')):.0%} of a job's "
+        (f"Batching only speeds up shape_generation, {bat.get('shape_generation_share', float('nan')):.0%} of a job's "
         f"stage time when jobs run alone; were it free, throughput could grow at most "
-        f"{bat.get('amdahl_bound', float('nan')):.2f}× (Amdahl).",
+        f"{bat.get('amdahl_bound', float('nan')):.2f}× (Amdahl)."),
         "",
         "Where the time goes (median per job, as the service's stage timers see it; shape_generation is the whole batch's time):",
         "",
@@ -205,8 +205,8 @@ def _leak(leak: dict[str, Any] | None) -> list[str]:
     rows = [(jobs, *(fmt_bytes(rss.get(n, 0)) for n in names)) for jobs, rss in leak["rss_by_jobs"].items()]
     rows.append(("growth per 1,000 jobs", *(fmt_bytes(leak["growth_per_1000_jobs_bytes"].get(n, 0)) for n in names)))
     return [
-        f"## Memory after many jobs ({leak['jobs_done']} of {leak['jobs_requested']} jobs, {leak['concurrency']} in flight, "
-        f"params {leak['params']}, {leak['elapsed_s']:.0f} s)",
+        (f"## Memory after many jobs ({leak['jobs_done']} of {leak['jobs_requested']} jobs, {leak['concurrency']} in flight, "
+        f"params {leak['params']}, {leak['elapsed_s']:.0f} s)"),
         "",
         table(rows, ("jobs done", *(f"{n} RSS" for n in names))),
         "",

@@ -5,8 +5,10 @@ Each test runs its own stack, killed and restarted for real as subprocesses.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -40,6 +42,11 @@ def wait_all_terminal(stub, ids: list[str], timeout_s: float = 240) -> dict[str,
     raise AssertionError(f"not all jobs ended: {[pb.JobStatus.Name(j.status) for j in jobs.values()]}")
 
 
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 def download(stub, job_id: str) -> tuple[bytes, str]:
     chunks = list(stub.DownloadResult(pb.DownloadResultRequest(id=job_id), timeout=60))
     return b"".join(c.data for c in chunks), chunks[0].sha256
@@ -55,12 +62,16 @@ def test_kill_9_half_way_loses_nothing(tmp_path):
         while sum(status_of(stub, i) == pb.JOB_STATUS_SUCCEEDED for i in ids) < 8:
             time.sleep(0.1)
         before = {i: download(stub, i) for i in ids if status_of(stub, i) == pb.JOB_STATUS_SUCCEEDED}
+        children = children_of(stack.processes["generation"].pid)
+        assert children, "the export processes should be running"
         stack.kill("generation")
         channel.close()
         stack.start("generation")
         channel, stub = stub_for(stack)
         jobs = wait_all_terminal(stub, ids)
         assert len(jobs) == 20
+        # The killed service's export processes did not linger as orphans.
+        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
         assert all(j.status == pb.JOB_STATUS_SUCCEEDED for j in jobs.values()), {
             i: j.error.message for i, j in jobs.items() if j.status != pb.JOB_STATUS_SUCCEEDED
         }

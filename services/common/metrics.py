@@ -53,7 +53,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
@@ -82,16 +82,16 @@ class _ScrapeTimeCollector(Collector):
     """
 
     def collect(self) -> Iterable[Any]:
-        for hook in list(_scrape_hooks):
+        for hook in _scrape_hooks:
             try:
                 hook()
-            except Exception:  # noqa: BLE001 - a scrape must never fail for one bad source
+            except Exception:
                 log.warning("metrics scrape hook failed", exc_info=True)
         total = _dropped_here
-        for source in list(_dropped_sources):
+        for source in _dropped_sources:
             try:
                 total += int(source())
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.warning("telemetry drop counter unreadable", exc_info=True)
         yield CounterMetricFamily(
             TELEMETRY_DROPPED_NAME,
@@ -511,12 +511,12 @@ class _Timed:
         self.exc: BaseException | None = None
         self.started = 0.0
 
-    def __enter__(self) -> "_Timed":
+    def __enter__(self) -> Self:
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *_: object) -> None:
         try:
             record_request(self.service, self.method, _outcome(self.exc, self.context), time.perf_counter() - self.started)
-        except Exception:  # noqa: BLE001 - metrics never fail a call
+        except Exception:
             log.warning("could not record a request metric", exc_info=True)

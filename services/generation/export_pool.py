@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -46,11 +49,19 @@ def export_and_store(
     }
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the service decides when its
     # exports stop (after the grace period), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A service killed with SIGKILL cannot stop its pool: exit with it rather than linger as an orphan.
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
     import services.generation.pipeline.mesh_export  # noqa: F401 - pay the imports before the first job
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class ExportPool:
@@ -66,7 +77,9 @@ class ExportPool:
             return ThreadPoolExecutor(1, thread_name_prefix="export")
         # spawn, not fork: the parent runs threads (torch, gRPC) that a fork would copy mid-flight.
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.processes, mp_context=context, initializer=_init_worker)
+        return ProcessPoolExecutor(
+            self.processes, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
+        )
 
     async def export(self, job_id: str, textured: TexturedShape, face_count: int, formats: Sequence[str]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
