@@ -35,14 +35,17 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     bat = results.get("batching")
     if bat:
         modes = {m["mode"]: m for m in bat["modes"]}
-        single, dynamic = modes["one at a time (max_batch_size=1)"], modes["dynamic batching"]
+        single = modes.get("strictly one at a time") or modes["overlapped, max_batch_size=1"]
+        dynamic = modes["dynamic batching"]
         target = SPEEDUP_TARGET_GPU if cuda else SPEEDUP_TARGET_CPU
         rows += [
-            (f"throughput, {single['jobs']} jobs, one at a time", f"{single['throughput_jobs_per_s']:.2f} jobs/s", "", ""),
+            (f"throughput, {single['jobs']} jobs, strictly one at a time", f"{single['throughput_jobs_per_s']:.2f} jobs/s", "", ""),
             (f"throughput, {dynamic['jobs']} jobs, dynamic batching", f"{dynamic['throughput_jobs_per_s']:.2f} jobs/s", "", ""),
             ("batching speed-up (throughput ratio)", f"{bat['speedup_throughput']:.2f}×", f"≥ {target:.1f}×",
              _met(bat["speedup_throughput"] >= target)),
-            ("p50 / p95 latency, one at a time", f"{fmt_s(single['p50_s'])} / {fmt_s(single['p95_s'])}", "", ""),
+            ("of which batched shape_generation (vs overlapped, max_batch_size=1)",
+             f"{bat['speedup_vs_unbatched']:.2f}×", "", ""),
+            ("p50 / p95 latency, strictly one at a time", f"{fmt_s(single['p50_s'])} / {fmt_s(single['p95_s'])}", "", ""),
             ("p50 / p95 latency, dynamic batching", f"{fmt_s(dynamic['p50_s'])} / {fmt_s(dynamic['p95_s'])}", "", ""),
             ("peak memory vs budget, dynamic (generation RSS; above idle)",
              f"{fmt_bytes(dynamic['peak_rss_bytes'])}; {fmt_bytes(dynamic['peak_above_start_bytes'])} / {fmt_bytes(dynamic['budget_bytes'])}",
@@ -150,8 +153,9 @@ def _batching(bat: dict[str, Any] | None) -> list[str]:
         "",
         table(rows, ("mode", "ok", "wall", "jobs/s", "p50", "p95", "batches (count×size)", "peak RSS", "peak above idle", "budget")),
         "",
-        (f"Throughput ratio dynamic / one-at-a-time: **{bat['speedup_throughput']:.2f}×**; "
-        f"p50 ratio {bat['p50_ratio']:.2f}, p95 ratio {bat['p95_ratio']:.2f}."),
+        (f"Throughput ratio dynamic / strictly one at a time: **{bat['speedup_throughput']:.2f}×**; "
+        f"dynamic / overlapped with max_batch_size=1: {bat['speedup_vs_unbatched']:.2f}×. "
+        "(p50/p95 are per-job latencies from submission; with 32 submitted at once they include the wait in the queue.)"),
         "",
         "The ceiling: CPU-seconds the services spent per job, and the throughput the cores allow at that cost "
         "(nproc / CPU-seconds per job): "

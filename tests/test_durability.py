@@ -53,7 +53,8 @@ def download(stub, job_id: str) -> tuple[bytes, str]:
 
 
 def test_kill_9_half_way_loses_nothing(tmp_path):
-    stack = new_stack(tmp_path, "kill9")
+    # Every export in a worker process, so the crash also hits that path.
+    stack = new_stack(tmp_path, "kill9", GENERATION_EXPORT_INLINE_MAX_FACES="0")
     stack.start_all()
     try:
         channel, stub = stub_for(stack)

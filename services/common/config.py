@@ -78,8 +78,10 @@ class GenerationConfig:
     # out-of-memory path on the CPU, where Linux overcommits instead of
     # failing an allocation. 0 means none.
     memory_limit_mb: int = 0
-    # Processes that run mesh_export (0: a thread in the service process instead).
+    # Processes that run mesh_export for meshes over export_inline_max_faces
+    # faces (smaller ones export on a thread; 0 processes: every export does).
     export_processes: int = 2
+    export_inline_max_faces: int = 250_000
     grace_period_s: float = 20.0
     max_attempts: int = 2
     # Retention: finished jobs and their files expire after this long, and the

@@ -65,7 +65,7 @@ async def serve(config: GenerationConfig) -> None:
         config.max_queue_delay_ms,
         config.max_batch_size,
         MemoryBudget(memory_limit),
-        ExportPool(config.export_processes, artifacts.root),
+        ExportPool(config.export_processes, artifacts.root, config.export_inline_max_faces),
         profiles=TelemetryProfileSink(telemetry, worker_id),
     )
     admission = Admission()
