@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import math
 import os
 import platform
@@ -32,7 +31,8 @@ LOG_DIR = BENCH_DIR / "out" / "logs"
 PHOTO = ("astronaut", 512)
 # Settings small enough for a thousand jobs in a few minutes on two cores.
 SMALL = {"resolution": 64, "face_count": 1000, "texture_size": 256}
-STAGES = ("image_loading", "image_preprocessing", "shape_generation", "texture_synthesis", "mesh_export")
+from services.common.logging_setup import read_log as log_records  # noqa: E402,F401 - re-exported
+from services.generation.pipeline.records import STAGES  # noqa: E402,F401 - re-exported for the bench modules
 
 
 def photo_png(name: str = PHOTO[0], side: int = PHOTO[1]) -> bytes:
@@ -284,23 +284,6 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def metric_sum(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return sum(v for (n, l), v in scraped.items() if n == name and set(labels.items()) <= set(l))
-
-
-def log_records(stack_log: Path, msg: str) -> list[dict[str, Any]]:
-    """The JSON log lines of a service whose message is `msg`."""
-    out = []
-    if not stack_log.exists():
-        return out
-    for line in stack_log.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("msg") == msg:
-            out.append(entry)
-    return out
 
 
 def run_async(coro: Any) -> Any:

@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 
-STAGES = ("image_loading", "image_preprocessing", "shape_generation", "texture_synthesis", "mesh_export")
 EXIT_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 1, 2, 3
 
 

@@ -13,7 +13,8 @@ from skimage.transform import resize
 
 from services.common.errors import InvalidArgument
 from services.generation.pipeline.params import GenerationParams
-from services.generation.pipeline.run import STAGES, run_pipeline
+from services.generation.pipeline.records import STAGES
+from services.generation.pipeline.run import run_pipeline
 
 
 def encode(picture: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:

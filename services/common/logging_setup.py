@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -39,3 +40,23 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("grpc").setLevel("WARNING")
+
+
+def read_log(log_file: Path, msg: str | None = None) -> list[dict[str, Any]]:
+    """The entries of a log written by JsonFormatter, those with message `msg` only when given.
+
+    For tests and benchmarks, which read what the services logged.
+    """
+    found: list[dict[str, Any]] = []
+    if not log_file.exists():
+        return found
+    for line in log_file.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if msg is None or entry.get("msg") == msg:
+            found.append(entry)
+    return found

@@ -107,13 +107,7 @@ class _ScrapeTimeCollector(Collector):
 REGISTRY.register(_ScrapeTimeCollector())
 
 
-STAGES: tuple[str, ...] = (
-    "image_loading",
-    "image_preprocessing",
-    "shape_generation",
-    "texture_synthesis",
-    "mesh_export",
-)
+from services.generation.pipeline.records import STAGES  # noqa: E402 - beside the other names
 JOB_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 FAILURE_REASONS: tuple[str, ...] = (
     "invalid",

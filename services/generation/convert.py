@@ -8,15 +8,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.generation.job_store import JobRecord
+from services.generation.pipeline.records import STAGES
 from services.generation.pipeline.params import GenerationParams, MAX_SEED, validate, validate_request_id
 
-STAGES: tuple[str, ...] = (
-    "image_loading",
-    "image_preprocessing",
-    "shape_generation",
-    "texture_synthesis",
-    "mesh_export",
-)
 STAGE_ENUM: dict[str, int] = {name: pb.Stage.Value(f"STAGE_{name.upper()}") for name in STAGES}
 STATE_ENUM: dict[str, int] = {
     s: pb.StageState.Value(f"STAGE_STATE_{s.upper()}") for s in ("started", "progress", "completed", "failed")

@@ -70,8 +70,10 @@ class JobManager:
         self._queue: list[str] = []  # ids of queued jobs, in order
         self._queue_changed = asyncio.Event()
         self._accepting = True
-        # Seconds a job spends running, smoothed: the retry delay a full queue quotes.
-        self._mean_run_s = 1.0
+        # Seconds between two jobs finishing, smoothed: a full queue frees a
+        # place about that often, so it is the retry delay quoted to clients.
+        self._finish_interval_s = 1.0
+        self._last_finish = 0.0
         # When the last two jobs arrived (monotonic): the batch window waits only during a burst.
         self._last_arrival = self._previous_arrival = float("-inf")
 
@@ -141,7 +143,7 @@ class JobManager:
         if len(self._queue) >= self.queue_limit:
             raise ResourceExhausted(
                 f"queue full: {len(self._queue)} jobs waiting (limit {self.queue_limit}); retry later",
-                retry_after_s=max(1.0, self._mean_run_s * len(self._queue) / 4),
+                retry_after_s=max(1.0, 2 * self._finish_interval_s),
             )
         record = JobRecord(
             id=uuid.uuid4().hex,
@@ -374,8 +376,10 @@ class JobManager:
             record.result = result
         if error is not None:
             record.error_code, record.error_message = error
-        if record.started_at is not None:
-            self._mean_run_s = 0.8 * self._mean_run_s + 0.2 * (record.finished_at - record.started_at)
+        if self._last_finish:
+            interval = min(10.0, record.finished_at - self._last_finish)  # an idle spell is not a slow queue
+            self._finish_interval_s = 0.8 * self._finish_interval_s + 0.2 * interval
+        self._last_finish = record.finished_at
         async with job.changed:
             with self.store.transaction():
                 self.store.update(record)

@@ -17,6 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The five stages, in the order they run; every stage-keyed table uses these names.
+STAGES: tuple[str, ...] = (
+    "image_loading",
+    "image_preprocessing",
+    "shape_generation",
+    "texture_synthesis",
+    "mesh_export",
+)
+
 
 @dataclass
 class LoadedImage:

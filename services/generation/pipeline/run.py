@@ -14,14 +14,6 @@ from services.generation.pipeline.params import FORMATS, GenerationParams, valid
 from services.generation.pipeline.records import ExportedMesh
 from services.generation.pipeline.texture_synthesis import synthesize_texture
 
-STAGES: tuple[str, ...] = (
-    "image_loading",
-    "image_preprocessing",
-    "shape_generation",
-    "texture_synthesis",
-    "mesh_export",
-)
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
