@@ -47,6 +47,15 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child its new parent has not reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def download(stub, job_id: str) -> tuple[bytes, str]:
     chunks = list(stub.DownloadResult(pb.DownloadResultRequest(id=job_id), timeout=60))
     return b"".join(c.data for c in chunks), chunks[0].sha256
@@ -72,7 +81,10 @@ def test_kill_9_half_way_loses_nothing(tmp_path):
         jobs = wait_all_terminal(stub, ids)
         assert len(jobs) == 20
         # The killed service's export processes did not linger as orphans.
-        assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        deadline = time.monotonic() + 10
+        while [pid for pid in children if running(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if running(pid)]
         assert all(j.status == pb.JOB_STATUS_SUCCEEDED for j in jobs.values()), {
             i: j.error.message for i, j in jobs.items() if j.status != pb.JOB_STATUS_SUCCEEDED
         }
