@@ -152,8 +152,6 @@ class BatchWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._device_busy = False
-        self.batches_run = 0
-        self.batch_sizes: list[int] = []
 
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -183,26 +181,34 @@ class BatchWorker:
     # --- preparing -----------------------------------------------------------
     async def _preparing_loop(self) -> None:
         while not self._stopping:
-            params, waiting = await self.manager.batch_window(self.max_batch_size, self.max_queue_delay_s)
-            head_size = self.manager.head_image_size()
-            decision = await self.sizer.decide(waiting, params, head_size)
-            metrics.record_batch_decision(decision.source, decision.size)
-            log.info(
-                "batch size decision",
-                extra={
-                    "batch_size": decision.size,
-                    "waiting": waiting,
-                    "reasoning": decision.reasoning,
-                    "source": decision.source,
-                },
-            )
-            batch = await self.manager.take_batch(params, decision.size)
-            if not batch:
-                continue
-            prepared = await asyncio.gather(*(self._prepare(job, len(batch)) for job in batch))
-            ready = [p for p in prepared if p is not None]
-            if ready:
-                await self._prepared.put(ready)
+            try:
+                await self._prepare_next_batch()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one batch
+                log.exception("preparing a batch failed; carrying on")
+                await asyncio.sleep(0.1)
+
+    async def _prepare_next_batch(self) -> None:
+        """Wait for a batch window, size the batch, take it, preprocess it, hand it to the device."""
+        params, waiting = await self.manager.batch_window(self.max_batch_size, self.max_queue_delay_s)
+        head_size = self.manager.head_image_size()
+        decision = await self.sizer.decide(waiting, params, head_size)
+        metrics.record_batch_decision(decision.source, decision.size)
+        log.info(
+            "batch size decision",
+            extra={
+                "batch_size": decision.size,
+                "waiting": waiting,
+                "reasoning": decision.reasoning,
+                "source": decision.source,
+            },
+        )
+        batch = await self.manager.take_batch(params, decision.size)
+        if not batch:
+            return
+        prepared = await asyncio.gather(*(self._prepare(job, len(batch)) for job in batch))
+        ready = [p for p in prepared if p is not None]
+        if ready:
+            await self._prepared.put(ready)
 
     async def _prepare(self, job: LiveJob, batch_size: int) -> _Prepared | None:
         params = job.params
@@ -279,6 +285,10 @@ class BatchWorker:
             self._device_busy = True
             try:
                 await self._run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - fail this batch's jobs, keep the device loop alive
+                log.exception("a batch failed outside its jobs' stages")
+                for p in batch:
+                    await self._end_with_error(p.job, p.profile, exc)
             finally:
                 self._device_busy = False
 
@@ -295,8 +305,6 @@ class BatchWorker:
             await self.manager.emit_stage(p.job, "shape_generation", "started", 0.0, 0.0)
         outcomes = await self._generate_shapes(batch, backend, params, loop, started)
         elapsed = time.perf_counter() - started
-        self.batches_run += 1
-        self.batch_sizes.append(len(batch))
         for p, outcome in zip(batch, outcomes):
             if isinstance(outcome, BaseException):
                 await self.manager.emit_stage(p.job, "shape_generation", "failed", 0.0, elapsed)
