@@ -37,6 +37,7 @@ from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
 from services.common.config import SecurityConfig
 from services.common.grpc_security import create_channel
 from services.generation.device_monitor import DeviceSample
+from services.telemetry.convert import device_sample as device_sample_message
 
 log = logging.getLogger(__name__)
 
@@ -154,24 +155,8 @@ def profile_to_proto(p: PipelineProfile) -> tpb.PipelineProfile:
 
 
 def sample_to_proto(s: DeviceSample) -> tpb.DeviceSample:
-    msg = tpb.DeviceSample(
-        worker_id=s.worker_id,
-        device=s.device,
-        device_type=s.device_type,
-        name=s.name,
-        memory_total_bytes=s.memory_total_bytes,
-        memory_used_bytes=s.memory_used_bytes,
-        memory_free_bytes=s.memory_free_bytes,
-        sampled_at=s.sampled_at,
-    )
-    for name in (
-        "utilization_percent", "temperature_c", "power_w",
-        "torch_free_bytes", "torch_total_bytes", "torch_max_allocated_bytes",
-    ):
-        value = getattr(s, name)
-        if value is not None:
-            setattr(msg, name, value)
-    return msg
+    # One conversion for both sides: telemetry's record has the same fields.
+    return device_sample_message(s)  # type: ignore[arg-type]
 
 
 def outcome_to_proto(o: BatchOutcome) -> tpb.RecordBatchOutcomeRequest:
