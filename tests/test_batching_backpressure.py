@@ -189,3 +189,21 @@ def test_cancelling_one_job_leaves_its_batch_mate_unaffected(small_queue, queue_
     assert watch(stub, b)[-1].outcome.status == pb.JOB_STATUS_SUCCEEDED
     finished = {e["job_id"]: e for e in entries(small_queue.log_dir / "generation.log", "job finished")}
     assert finished[b]["batch_size"] == 2  # they did share the batch
+
+
+def test_queued_events_follow_the_queue_forward(queue_stub):
+    stub = queue_stub
+    busy = occupy(stub)
+    # Different resolutions: three batches, so the last one moves up twice.
+    waiting = [
+        stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(), resolution=r, steps=20, face_count=2000)).id
+        for r in (97, 98, 99)
+    ]
+    cancel_all(stub, busy)
+    events = watch(stub, waiting[-1])
+    positions = [e.queue_position for e in events if e.kind == pb.EVENT_KIND_QUEUED]
+    assert len(positions) >= 2 and positions == sorted(positions, reverse=True), positions
+    assert len(set(positions)) == len(positions)
+    assert events[-1].outcome.status == pb.JOB_STATUS_SUCCEEDED
+    for job_id in waiting[:-1]:
+        watch(stub, job_id)

@@ -46,6 +46,8 @@ class LiveJob:
     # The decoded picture from admission, so the worker need not decode it
     # again; None after a restart, when the worker loads it from disk.
     loaded: LoadedImage | None = None
+    # The queue position the last queued event told watchers (0: none yet).
+    reported_position: int = 0
 
     @property
     def id(self) -> str:
@@ -107,6 +109,7 @@ class JobManager:
             counts["requeued"] += 1
         if self._queue:
             self._queue_changed.set()
+            self._record_queue_positions()  # nobody watches yet: record, no one to wake
         return counts
 
     def _load_live(self, record: JobRecord) -> LiveJob:
@@ -179,7 +182,8 @@ class JobManager:
         self._queue.append(record.id)
         self._queue_changed.set()
         self._previous_arrival, self._last_arrival = self._last_arrival, time.monotonic()
-        self._append(job, kind=pb.EVENT_KIND_QUEUED, queue_position=len(self._queue))
+        job.reported_position = len(self._queue)
+        self._append(job, kind=pb.EVENT_KIND_QUEUED, queue_position=job.reported_position)
         self._watch_deadline(job)
         return record
 
@@ -222,6 +226,7 @@ class JobManager:
         if record.status == "queued":
             self._remove_from_queue(job_id)
             await self.finish(job, "cancelled", error=("CANCELLED", "cancelled by the client while queued"))
+            await self._report_queue_positions()
         else:
             # The worker stops it at the next stage boundary; batch-mates run on.
             job.cancel_requested = True
@@ -319,15 +324,8 @@ class JobManager:
             self._queue.remove(job_id)
         if chosen:
             self._queue_changed.set()
+            await self._report_queue_positions()
         return [self._live[j] for j in chosen]
-
-    def requeue(self, jobs: list[LiveJob]) -> None:
-        """Put jobs back at the head of the queue, in order (shutdown, or a batch that cannot run now)."""
-        for job in reversed(jobs):
-            job.record.status = "queued"
-            self.store.update(job.record)
-            self._queue.insert(0, job.id)
-        self._queue_changed.set()
 
     async def mark_running(self, job: LiveJob) -> None:
         job.record.status = "running"
@@ -406,13 +404,35 @@ class JobManager:
     async def _drop_expired(self) -> None:
         """A job whose deadline passed in the queue is never started."""
         now = time.time()
-        for job_id in [j for j in self._queue if self._live[j].expired(now)]:
+        expired = [j for j in self._queue if self._live[j].expired(now)]
+        for job_id in expired:
             self._remove_from_queue(job_id)
             await self.finish(
                 self._live[job_id],
                 "failed",
                 error=("DEADLINE_EXCEEDED", "deadline exceeded while the job waited in the queue"),
             )
+        if expired:
+            await self._report_queue_positions()
+
+    async def _report_queue_positions(self) -> None:
+        """A queued event for every waiting job whose place moved, so followers see the queue advance."""
+        for job in self._record_queue_positions():
+            async with job.changed:
+                job.changed.notify_all()
+
+    def _record_queue_positions(self) -> list[LiveJob]:
+        moved = [
+            (self._live[job_id], position)
+            for position, job_id in enumerate(self._queue, start=1)
+            if self._live[job_id].reported_position != position
+        ]
+        if moved:
+            with self.store.transaction():
+                for job, position in moved:
+                    job.reported_position = position
+                    self._next_event(job, kind=pb.EVENT_KIND_QUEUED, queue_position=position)
+        return [job for job, _ in moved]
 
     def _next_event(self, job: LiveJob, **fields: object) -> pb.GenerationEvent:
         now = time.time()
