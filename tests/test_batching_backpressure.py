@@ -151,8 +151,10 @@ def test_a_deadline_that_passes_in_the_queue_means_never_started(queue_stub):
 
 def test_disconnecting_from_generate_does_not_cancel_unless_asked(queue_stub):
     stub = queue_stub
+    busy = occupy(stub)  # both jobs are still queued when their clients go away
     kept_id = _generate_then_disconnect(stub, cancel_on_disconnect=False)
     dropped_id = _generate_then_disconnect(stub, cancel_on_disconnect=True)
+    cancel_all(stub, busy)
     assert watch(stub, kept_id)[-1].outcome.status == pb.JOB_STATUS_SUCCEEDED
     assert watch(stub, dropped_id)[-1].outcome.status == pb.JOB_STATUS_CANCELLED
 
