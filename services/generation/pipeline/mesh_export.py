@@ -347,11 +347,19 @@ def _write_obj_zip(mesh: _Mesh, png: bytes | None) -> bytes:
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr(OBJ_NAME, b"".join(parts), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
-        archive.writestr(MTL_NAME, material, compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+        archive.writestr(_zip_entry(OBJ_NAME, zipfile.ZIP_DEFLATED), b"".join(parts), compresslevel=1)
+        archive.writestr(_zip_entry(MTL_NAME, zipfile.ZIP_DEFLATED), material, compresslevel=1)
         if png is not None:
-            archive.writestr(TEXTURE_NAME, png, compress_type=zipfile.ZIP_STORED)
+            archive.writestr(_zip_entry(TEXTURE_NAME, zipfile.ZIP_STORED), png)
     return buffer.getvalue()
+
+
+def _zip_entry(name: str, compression: int) -> zipfile.ZipInfo:
+    # A fixed timestamp: the same mesh always zips to the same bytes (and checksum),
+    # instead of carrying the second it was written.
+    entry = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    entry.compress_type = compression
+    return entry
 
 
 _DIGITS = np.frombuffer(b"0123456789", np.uint8)
