@@ -23,9 +23,10 @@ EXTRA_INSTALL :=
 
 install: $(INSTALLED) $(PB) $(EXTRA_INSTALL)
 
-$(INSTALLED): requirements.txt pyproject.toml
+$(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	# compat mode puts the repo root on sys.path, so pb/ (built later) imports too.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
 		-e . --config-settings editable_mode=compat
