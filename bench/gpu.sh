@@ -8,6 +8,15 @@
 # have a CUDA build of torch and the rest of requirements.txt: $PYTHON if
 # set, else .venv/bin/python, else python3, the first whose torch sees CUDA.
 #
+# The hunyuan3d backend runs first, on CUDA in fp16: with the real weights when
+# HUNYUAN3D_MODEL_PATH names their folder (config.yaml, model.fp16.safetensors),
+# else with the published architecture (about 2.5 B parameters) and random
+# weights written on the fly into a temporary folder, which cost the same time
+# and memory. It reports seconds per object alone and in a batch, the batching
+# ratio, and, served with mixed resolutions, peak VRAM against the 85 % budget
+# and the out-of-memory batches. Its Python runs on the CPU too:
+# `.venv/bin/python -m bench.hunyuan3d --tiny --serve`.
+#
 # Bounded: the suites stop starting after BENCH_BUDGET_S (default 420 s) and
 # the whole call after BENCH_TIMEOUT_S (default 570 s), so a 10-minute device
 # call always returns. Full results: bench/RESULTS-gpu.md, bench/results-gpu.json.
@@ -27,7 +36,7 @@ if [ -z "$PY" ]; then
     nvidia-smi -L >&2 2>/dev/null || echo "bench/gpu.sh: nvidia-smi found no GPU either" >&2
     exit 2
 fi
-if ! "$PY" -c 'import grpc, grpc_tools, fastapi, uvicorn, httpx, prometheus_client, trimesh, fast_simplification, skimage, psutil' 2>/dev/null; then
+if ! "$PY" -c 'import grpc, grpc_tools, fastapi, uvicorn, httpx, prometheus_client, trimesh, fast_simplification, skimage, psutil, xatlas, safetensors, yaml, hy3dgen' 2>/dev/null; then
     echo "bench/gpu.sh: $PY lacks packages of requirements.txt (pip install -r requirements.txt, keeping its CUDA torch)" >&2
     exit 2
 fi
@@ -41,6 +50,8 @@ fi
 
 exec timeout --signal=INT "${BENCH_TIMEOUT_S:-570}" "$PY" -m bench.run \
     --device cuda \
+    --suites "${BENCH_SUITES:-hunyuan3d,latency,batching,resolution,leak}" \
+    --hunyuan-model "${HUNYUAN3D_MODEL_PATH:-published}" --hunyuan-serve \
     --budget-s "${BENCH_BUDGET_S:-420}" \
     --leak-jobs "${LEAK_JOBS:-300}" --leak-timeout 90 \
     --markdown bench/RESULTS-gpu.md --json bench/results-gpu.json \

@@ -58,6 +58,14 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             peak = mem.get("device_peak_bytes", mem.get("host_peak_bytes"))
             peak_text = f"; peak {fmt_bytes(peak)} per item" if peak is not None else ""
             rows.append((f"in-process at {row['resolution']}²", fmt_s(row["total_s"]) + peak_text, "", ""))
+    if results.get("hunyuan3d"):
+        from bench import hunyuan3d
+
+        rows += hunyuan3d.summary_rows(results["hunyuan3d"])
+    if results.get("cutout"):
+        from bench import cutout
+
+        rows += cutout.summary_rows(results["cutout"])
     leak = results.get("leak")
     if leak:
         growth = leak["growth_bytes"].get("generation", 0)
@@ -100,6 +108,14 @@ def markdown(results: dict[str, Any]) -> str:
     parts += _batching(results.get("batching"))
     parts += _resolution(results.get("resolution"))
     parts += _leak(results.get("leak"))
+    if results.get("hunyuan3d"):
+        from bench import hunyuan3d
+
+        parts += hunyuan3d.markdown(results["hunyuan3d"])
+    if results.get("cutout"):
+        from bench import cutout
+
+        parts += cutout.markdown(results["cutout"])
     parts += [_notes(results)]
     return "\n".join(parts) + "\n"
 

@@ -25,7 +25,7 @@ import psutil
 from bench import report
 from bench.common import BENCH_DIR, machine
 
-SUITES = ("latency", "batching", "resolution", "leak")
+SUITES = ("latency", "batching", "resolution", "leak", "hunyuan3d", "cutout")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -39,6 +39,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resolutions", default="128,256,512,1024")
     p.add_argument("--leak-jobs", type=int, default=1000)
     p.add_argument("--leak-timeout", type=float, default=900.0, help="seconds; the leak suite stops by then")
+    p.add_argument("--hunyuan-model", default=os.environ.get("HUNYUAN3D_MODEL_PATH") or "tiny",
+                   help="hunyuan3d suite: tiny, published (random weights) or a model folder "
+                        "(default: $HUNYUAN3D_MODEL_PATH, else tiny)")
+    p.add_argument("--hunyuan-serve", action="store_true",
+                   help="hunyuan3d suite: also serve mixed resolutions (peak memory, out-of-memory errors)")
     p.add_argument("--budget-s", type=float, default=0.0, help="start no suite after this many seconds (0: no limit)")
     p.add_argument("--quick", action="store_true", help="3 runs, 8 batch jobs, 100 leak jobs, resolutions to 512²")
     p.add_argument("--markdown", type=Path, default=BENCH_DIR / "RESULTS.md")
@@ -129,6 +134,29 @@ def _run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
 
         sizes = tuple(int(r) for r in args.resolutions.split(","))
         return resolution.run(args.resolution_runs, args.device, sizes)
+    if suite == "cutout":
+        from bench import cutout
+
+        return cutout.run(repeats=2 if args.quick else 5)
+    if suite == "hunyuan3d":
+        from bench import hunyuan3d
+
+        from bench.inprocess import device_of
+
+        device = device_of(args.device)
+        gpu = device.type == "cuda"
+        return hunyuan3d.run(
+            model=args.hunyuan_model,
+            device_name=str(device),
+            # Defaults on a GPU; the smallest accepted settings with the tiny model on the CPU.
+            resolution=256 if gpu else 64,
+            steps=30 if gpu else 5,
+            batch=4,
+            repeats=1 if args.quick else (2 if gpu else 3),
+            serve=args.hunyuan_serve,
+            mixed_resolutions=(128, 256, 384) if gpu else (64, 96),
+            serve_jobs=12 if gpu else 6,
+        )
     from bench import leak
 
     return leak.run(args.leak_jobs, timeout_s=args.leak_timeout)

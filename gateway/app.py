@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway import errors, views
 from gateway.metrics import install_metrics, subscriber
 from gateway.performance_routes import router as performance_router
+from gateway.backends_routes import backend_readiness, router as backends_router
 from gateway.studio import mount_studio
 from gateway.errors import ApiError
 from pb.orfeas.generation.v1 import generation_pb2 as pb
@@ -36,10 +37,9 @@ log = logging.getLogger("gateway")
 
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 TELEMETRY_SERVICE = "orfeas.telemetry.v1.TelemetryService"  # not imported: the gateway needs only its name
-SSE_KEEPALIVE_S = 15.0
 
 INT_FIELDS = ("seed", "resolution", "steps", "face_count", "texture_size")
-FLOAT_FIELDS = ("foreground_ratio", "timeout_seconds")
+FLOAT_FIELDS = ("foreground_ratio", "timeout_seconds", "guidance_scale")
 PARAMETER_FIELDS = (
     *INT_FIELDS,
     *FLOAT_FIELDS,
@@ -54,15 +54,32 @@ GENERATE_REQUEST_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-        "resolution": {"type": "integer", "minimum": 64, "maximum": 1024, "default": 256},
-        "steps": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+        # resolution, steps and guidance_scale: the widest ranges; each backend's own are in
+        # GET /api/v1/backends (inflate: 64-1024, 1-500; hunyuan3d: 64-512, 1-100, guidance 0-20).
+        "resolution": {
+            "type": "integer", "minimum": 64, "maximum": 1024, "default": 256,
+            "description": "inflate: reconstruction grid, 64-1024; hunyuan3d: octree resolution, 64-512",
+        },
+        "steps": {
+            "type": "integer", "minimum": 1, "maximum": 500,
+            "description": "inflate: solver iterations, 1-500, default 50; hunyuan3d: denoising steps, 1-100, "
+                           "default 30",
+        },
+        "guidance_scale": {
+            "type": "number", "minimum": 0, "maximum": 20,
+            "description": "hunyuan3d: classifier-free guidance, default 5.0; inflate ignores it (reported as 0)",
+        },
         "face_count": {"type": "integer", "minimum": 1000, "maximum": 500000, "default": 40000},
         "texture": {"type": "boolean", "default": True},
         "texture_size": {"type": "integer", "minimum": 256, "maximum": 4096, "default": 1024},
         "remove_background": {"type": "string", "enum": ["auto", "on", "off"], "default": "auto"},
         "foreground_ratio": {"type": "number", "minimum": 0.5, "maximum": 1.0, "default": 0.85},
         "format": {"type": "string", "enum": ["glb", "obj", "stl", "ply"], "default": "glb"},
-        "backend": {"type": "string", "enum": ["inflate"], "default": "inflate"},
+        "backend": {
+            "type": "string", "enum": ["inflate", "hunyuan3d"], "default": "inflate",
+            "description": "hunyuan3d needs its weights on the service (HUNYUAN3D_MODEL_PATH); when it is not "
+                           "ready the answer is 412 FAILED_PRECONDITION saying why",
+        },
         "request_id": {"type": "string", "maxLength": 128},
         "timeout_seconds": {"type": "number", "minimum": 0, "maximum": 86400, "default": 0},
     },
@@ -104,6 +121,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     install_metrics(app)
     _routes(app, config)
     app.include_router(performance_router)
+    app.include_router(backends_router)
     mount_studio(app)  # last: it serves "/" and the static files
     return app
 
@@ -129,9 +147,19 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
         }
         if not generation_ok:
             return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+        # Each shape backend's state; one that is not ready (inflate always is) says why.
+        backends, status = await asyncio.gather(backend_readiness(request), _service_status(request))
+        degraded: list[str] = []
+        if status is not None and status.HasField("storage"):
+            checks["storage"] = "ok" if status.storage.ok else status.storage.message
+            if not status.storage.ok:
+                degraded.append("storage")
         if not telemetry_ok:
-            return JSONResponse({"status": "degraded", "degraded": ["telemetry"], "checks": checks})
-        return JSONResponse({"status": "ready", "checks": checks})
+            degraded.append("telemetry")
+        body = {"status": "degraded" if degraded else "ready", "checks": checks, "backends": backends}
+        if degraded:
+            body["degraded"] = degraded
+        return JSONResponse(body)
 
     @app.post(
         "/api/v1/generations",
@@ -218,11 +246,11 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
         generation_id: str,
         last_event_id: str | None = Header(default=None, alias="Last-Event-ID"),
     ) -> StreamingResponse:
-        call = _stub(request).WatchGeneration(pb.WatchGenerationRequest(id=generation_id))
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() and len(last_event_id) < 10 else 0
+        call = _stub(request).WatchGeneration(pb.WatchGenerationRequest(id=generation_id, after_sequence=after))
         first = await _first_message(call)
-        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
         return StreamingResponse(
-            _sse(call, first, after),
+            _sse(call, first, after, config.sse_keepalive_s),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -231,12 +259,15 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
     async def events_ws(websocket: WebSocket, generation_id: str) -> None:
         await websocket.accept()
         call = _stub(websocket).WatchGeneration(pb.WatchGenerationRequest(id=generation_id))
+        # A client that goes away is noticed at once, not at the next event (which may be minutes off).
+        gone = asyncio.ensure_future(_until_disconnected(websocket))
         with subscriber("websocket"):
             try:
-                async for message in call:
+                async for message in _read_until(call, gone):
                     name, data = views.event(message)
                     await websocket.send_json({"event": name, "data": data})
-                await websocket.close()
+                if not gone.done():
+                    await websocket.close()
             except grpc.aio.AioRpcError as exc:
                 err = errors.from_rpc_error(exc)
                 await websocket.send_json(
@@ -244,7 +275,10 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
                 )
                 await websocket.close(code=4000 + err.status)
             except WebSocketDisconnect:
+                pass
+            finally:
                 call.cancel()
+                gone.cancel()
 
     @app.get(
         "/api/v1/generations/{generation_id}/result",
@@ -281,6 +315,13 @@ def _routes(app: FastAPI, config: GatewayConfig) -> None:
         )
 
 
+async def _service_status(request: Request) -> pb.ServiceStatus | None:
+    try:
+        return await _stub(request).GetServiceStatus(pb.GetServiceStatusRequest(), timeout=1.0)
+    except grpc.aio.AioRpcError:
+        return None
+
+
 async def _healthy(stub: health_pb2_grpc.HealthStub, service: str) -> bool:
     try:
         response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
@@ -312,28 +353,66 @@ def _sse_frame(message: pb.GenerationEvent) -> bytes:
     return f"id: {message.sequence}\nevent: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _sse(call: Any, first: pb.GenerationEvent, after: int) -> AsyncIterator[bytes]:
-    """Frames for the events after `after` (Last-Event-ID), with keep-alive comments while a stage runs."""
+async def _sse(call: Any, first: pb.GenerationEvent, after: int, keepalive_s: float) -> AsyncIterator[bytes]:
+    """Frames for the events after `after` (Last-Event-ID), with keep-alive comments while nothing happens.
+
+    The stream ends after the terminal event, or with an `error` event saying
+    why (the generation service restarting, say: reconnect with Last-Event-ID
+    to resume).
+    """
+    read: asyncio.Future[Any] | None = None
     with subscriber("sse"):
         try:
             if first.sequence > after:
                 yield _sse_frame(first)
+            if first.kind == pb.EVENT_KIND_TERMINAL:
+                return
+            # The pending read is never cancelled: a timed-out wait_for on call.read() would cancel
+            # the read, and grpc.aio cancels the whole call with it.
+            read = asyncio.ensure_future(call.read())
             while True:
-                try:
-                    message = await asyncio.wait_for(call.read(), SSE_KEEPALIVE_S)
-                except asyncio.TimeoutError:
+                done, _ = await asyncio.wait({read}, timeout=keepalive_s)
+                if not done:
                     yield b": keep-alive\n\n"
                     continue
+                message = read.result()
                 if message is grpc.aio.EOF:
                     return
                 if message.sequence > after:
                     yield _sse_frame(message)
+                if message.kind == pb.EVENT_KIND_TERMINAL:
+                    return
+                read = asyncio.ensure_future(call.read())
         except grpc.aio.AioRpcError as exc:
             err = errors.from_rpc_error(exc)
             error = {"error": {"code": err.code, "message": err.message}}
             yield f"event: error\ndata: {json.dumps(error)}\n\n".encode()
         finally:
+            if read is not None:
+                read.cancel()
             call.cancel()
+
+
+async def _until_disconnected(websocket: WebSocket) -> None:
+    """Returns when the client closes the WebSocket (it sends nothing else we need)."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+
+
+async def _read_until(call: Any, gone: asyncio.Future[None]) -> AsyncIterator[Any]:
+    """The call's messages, until it ends or `gone` is done (then the caller cancels the call)."""
+    while True:
+        read = asyncio.ensure_future(call.read())
+        done, _ = await asyncio.wait({read, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if read not in done:
+            read.cancel()
+            return
+        message = read.result()
+        if message is grpc.aio.EOF:
+            return
+        yield message
 
 
 async def _read_submission(request: Request, max_upload_bytes: int) -> tuple[bytes, dict[str, Any]]:

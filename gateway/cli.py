@@ -1,8 +1,9 @@
 """`orfeas`: the command-line client of the REST gateway.
 
-    orfeas generate photo.jpg -o model.glb [--format glb|obj|stl|ply] [options]
+    orfeas generate photo.jpg -o model.glb [--format glb|obj|stl|ply] [--backend inflate|hunyuan3d] [options]
     orfeas status ID
     orfeas list
+    orfeas backends
 
 It posts the picture, follows the job's Server-Sent Events with a progress
 bar across the five stages, downloads the result, and exits non-zero when the
@@ -37,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("image", type=Path)
     gen.add_argument("-o", "--output", type=Path, required=True, help="where to write the model")
     gen.add_argument("--format", choices=("glb", "obj", "stl", "ply"), help="default: from the output's suffix, else glb")
-    gen.add_argument("--resolution", type=int)
-    gen.add_argument("--steps", type=int)
+    gen.add_argument("--backend", choices=("inflate", "hunyuan3d"), help="shape backend (default: inflate)")
+    gen.add_argument("--resolution", type=int, help="inflate: grid cells a side; hunyuan3d: octree resolution")
+    gen.add_argument("--steps", type=int, help="inflate: solver iterations; hunyuan3d: denoising steps")
+    gen.add_argument("--guidance-scale", type=float, help="hunyuan3d: classifier-free guidance (0-20, default 5)")
     gen.add_argument("--face-count", type=int)
     gen.add_argument("--texture-size", type=int)
     gen.add_argument("--no-texture", action="store_true", help="vertex colours only")
@@ -51,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a job")
     status.add_argument("id")
     commands.add_parser("list", help="list recent jobs")
+    commands.add_parser("backends", help="list the shape backends, whether each is ready, and their parameters")
     return parser
 
 
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _generate(client, args)
             if args.command == "status":
                 return _print(client.get(f"/api/v1/generations/{args.id}"))
+            if args.command == "backends":
+                return _print(client.get("/api/v1/backends"))
             return _print(client.get("/api/v1/generations"))
     except httpx.TransportError as exc:
         print(f"orfeas: cannot reach {args.url}: {exc}", file=sys.stderr)
@@ -81,6 +87,8 @@ def _generate(client: httpx.Client, args: argparse.Namespace) -> int:
     fmt = args.format or _format_from_suffix(args.output) or "glb"
     fields: dict[str, Any] = {
         "format": fmt,
+        "backend": args.backend,
+        "guidance_scale": args.guidance_scale,
         "resolution": args.resolution,
         "steps": args.steps,
         "face_count": args.face_count,
@@ -179,7 +187,9 @@ class ProgressBar:
             self.done.append(f"{stage} {event.get('elapsed_seconds', 0):.2f}s")
             if self.enabled:
                 sys.stderr.write(f"\r\033[K  ✓ {self.done[-1]}\n")
-        self._draw(float(event.get("progress", 0.0)), stage)
+        # The step within the stage when the backend says ("denoising step 3 of 30").
+        detail = event.get("detail") if event.get("state") == "progress" else None
+        self._draw(float(event.get("progress", 0.0)), f"{stage}: {detail}" if detail else stage)
 
     def _draw(self, progress: float, label: str) -> None:
         if not self.enabled:

@@ -30,10 +30,12 @@ HTTP_CODES: dict[int, str] = {
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
+    412: "FAILED_PRECONDITION",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
     422: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED",
+    507: "RESOURCE_EXHAUSTED",
 }
 
 
@@ -57,9 +59,16 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
     for key, value in exc.trailing_metadata() or ():
         if key == "retry-after":
             headers["Retry-After"] = str(value)
-    if status == 429 and "Retry-After" not in headers:
+    if status in (429, 507) and "Retry-After" not in headers:
         headers["Retry-After"] = "1"
     message = exc.details() or code.name
+    if code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("backend:"):
+        # The backend asked for cannot serve (no weights, broken weights, still loading): 412, a 4xx,
+        # since retrying the same request does not help until an operator acts.
+        status = 412
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith("storage:"):
+        # Not an overload that passes in a second: the service's disk is below its reserve.
+        status = 507
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"generation service unavailable: {message}"
     return ApiError(status, code.name, message, headers)

@@ -75,6 +75,7 @@ def generation(msg: pb.Generation) -> dict[str, Any]:
             "foreground_ratio": round(p.foreground_ratio, 6),
             "format": FORMAT_NAMES.get(p.format, "glb"),
             "backend": p.backend,
+            "guidance_scale": round(p.guidance_scale, 6),
         },
         "stage_timings": {STAGE_NAMES[t.stage]: round(t.elapsed_seconds, 6) for t in msg.stage_timings},
         "result": mesh_stats(msg.result) if msg.HasField("result") else None,
@@ -110,4 +111,6 @@ def event(msg: pb.GenerationEvent) -> tuple[str, dict[str, Any]]:
         stage_progress=round(msg.stage_progress, 4),
         elapsed_seconds=round(msg.elapsed_seconds, 6),
     )
+    if msg.detail:
+        data["detail"] = msg.detail  # "denoising step 3 of 30", "decoding chunk 2 of 9", ...
     return "stage", data

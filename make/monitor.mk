@@ -7,6 +7,8 @@
 #                   on free loopback ports (LOADTEST_ARGS=--url http://127.0.0.1:5000
 #                   to aim at a running one); reports under bench/.
 #   make bench      bench/run.py: the benchmark suite; results in bench/RESULTS.md.
+#   make soak       bench/soak.py: a bounded chaos soak (SOAK_S seconds, default 600) on loopback,
+#                   faults injected at random; report in bench/SOAK.md.
 #
 # `make install` runs prometheus-install (EXTRA_INSTALL) because a test of
 # `make test` starts that Prometheus; once installed it costs one `command -v`.
@@ -20,7 +22,9 @@ BENCH_ARGS ?=
 
 EXTRA_INSTALL += prometheus-install
 
-.PHONY: monitor prometheus-install loadtest bench
+SOAK_S ?= 600
+
+.PHONY: monitor prometheus-install loadtest bench soak
 
 # The Debian package's post-install script would start a system-wide Prometheus
 # listening on every interface; a policy-rc.d that answers 101 stops that (it is
@@ -57,3 +61,6 @@ loadtest: install
 
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+soak: install
+	SOAK_S=$(SOAK_S) $(BIN)/python -m bench.soak

@@ -1,9 +1,14 @@
-"""`make run`: start every service and the gateway, print the URL, stop them all on Ctrl-C.
+"""`make run`: start every service and the gateway, keep them up, stop them all in order on Ctrl-C.
 
-Also used by the tests to start the real stack on free loopback ports.
+`python -m services.stack` supervises its children (services/supervisor.py): a part
+that dies is started again with back-off while the others keep serving, and one
+that crashes in a loop is given up on alone. `Stack` is also what the tests and
+benchmarks use to start the real stack on free loopback ports.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import signal
 import socket
@@ -11,14 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import SecurityConfig
+from services.common.config import GenerationConfig, SecurityConfig, SupervisorConfig
 from services.common.grpc_security import sync_channel
+from services.common.logging_setup import setup_logging
+from services.supervisor import STOP_ORDER, State, Supervisor
+
+log = logging.getLogger("services.stack")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +37,17 @@ MODULES: dict[str, str] = {
     "generation": "services.generation.server",
     "gateway": "gateway.server",
 }
+
+
+_PR_SET_DEATHSIG = 1
+# Resolved here, not between fork and exec, where the loader's lock may be held by another thread.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # SIGTERM when the launcher dies, even by SIGKILL: no orphan keeps a port.
+    if _prctl is not None:
+        _prctl(_PR_SET_DEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -45,6 +66,8 @@ class Stack:
     telemetry_metrics_port: int = 9102
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+    # The launcher's children: in their own process groups, SIGTERMed if the launcher dies.
+    detached: bool = False
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -76,12 +99,20 @@ class Stack:
     def start(self, name: str, wait: bool = True) -> subprocess.Popen[bytes]:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed below, the child has a copy
         else:
             out = None
-        proc = subprocess.Popen(
-            [sys.executable, "-m", MODULES[name]], cwd=ROOT, env=self.env(), stdout=out, stderr=out
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", MODULES[name]], cwd=ROOT, env=self.env(), stdout=out, stderr=out,
+                # Its own process group: Ctrl-C in the terminal reaches the launcher only, which stops
+                # the parts in order.
+                process_group=0 if self.detached else None,
+                preexec_fn=_die_with_parent if self.detached else None,
+            )
+        finally:
+            if out is not None:
+                out.close()
         self.processes[name] = proc
         if wait:
             self.wait_ready(name)
@@ -99,12 +130,13 @@ class Stack:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}")
-            if self._ready(name):
+            if self.healthy(name):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{name} not ready after {timeout_s:.0f}s")
 
-    def _ready(self, name: str) -> bool:
+    def healthy(self, name: str) -> bool:
+        """The part answers its health check as serving (the gateway: /healthz)."""
         if name == "gateway":
             try:
                 with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=1) as r:
@@ -122,27 +154,48 @@ class Stack:
                 return False
             return response.status == health_pb2.HealthCheckResponse.SERVING
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int | None:
+    def stop(
+        self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0, urgent: Callable[[], bool] = lambda: False
+    ) -> int | None:
+        """Send `sig`, wait up to timeout_s (less once `urgent()` is true), then SIGKILL; the exit code."""
         proc = self.processes.pop(name, None)
         if proc is None or proc.poll() is not None:
             return proc.returncode if proc else None
         proc.send_signal(sig)
-        try:
-            return proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            if urgent() or time.monotonic() > deadline:
+                why = "asked to stop at once" if urgent() else f"not stopped after {timeout_s:.0f} s"
+                log.warning("%s %s; killing it", name, why, extra={"part": name, "pid": proc.pid})
+                proc.kill()
+                break
+            time.sleep(0.05)
+        return proc.wait()
 
     def kill(self, name: str) -> None:
         self.stop(name, signal.SIGKILL)
 
     def stop_all(self) -> None:
         # The gateway first, so no new work arrives while the services drain.
-        for name in ("gateway", "generation", "telemetry"):
+        for name in STOP_ORDER:
             self.stop(name)
+
+    # What services.supervisor.Supervisor needs of its children.
+
+    def spawn(self, name: str) -> int:
+        return self.start(name, wait=False).pid
+
+    def exit_code(self, name: str) -> int | None:
+        proc = self.processes.get(name)
+        return None if proc is None else proc.poll()
+
+    def terminate(self, name: str, timeout_s: float, urgent: Callable[[], bool]) -> int | None:
+        return self.stop(name, signal.SIGTERM, timeout_s, urgent)
 
 
 def main() -> None:
+    setup_logging("launcher")
+    config = SupervisorConfig.from_env()
     stack = Stack(
         gateway_port=int(os.environ.get("GATEWAY_PORT", "5000")),
         generation_port=int(os.environ.get("GENERATION_PORT", "50051")),
@@ -150,33 +203,52 @@ def main() -> None:
         data_dir=Path(os.environ.get("DATA_DIR", ROOT / "data")).resolve(),
         generation_metrics_port=int(os.environ.get("GENERATION_METRICS_PORT", "9101")),
         telemetry_metrics_port=int(os.environ.get("TELEMETRY_METRICS_PORT", "9102")),
+        detached=True,
     )
-    stop = False
+    # Generation drains its running batches for its grace period before it stops.
+    generation_stop_s = GenerationConfig.from_env().grace_period_s + config.stop_timeout_s
+    supervisor = Supervisor(stack, tuple(MODULES), config, stop_timeouts_s={"generation": generation_stop_s})
+    signals = 0
 
     def _signal(signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s: stopping the stack in order (again to kill it at once)", signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, _signal)
     signal.signal(signal.SIGTERM, _signal)
+    exit_code = 0
     try:
-        stack.start_all()
-        print(
-            f"\nORFEAS is up:\n  Studio and REST API  {stack.gateway_url}/\n"
-            f"  API docs             {stack.gateway_url}/docs\n"
-            f"  generation (gRPC)    {stack.generation_address}\n"
-            f"  telemetry (gRPC)     {stack.telemetry_address}\n"
-            f"  data                 {stack.data_dir}\nPress Ctrl-C to stop.\n",
-            flush=True,
-        )
-        while not stop:
-            for name, proc in list(stack.processes.items()):
-                if proc.poll() is not None:
-                    print(f"{name} exited with code {proc.returncode}; stopping the stack", file=sys.stderr)
-                    stop = True
-            time.sleep(0.5)
+        supervisor.start()
+        announced = False
+        while not signals:
+            supervisor.poll()
+            if not announced and supervisor.settled:
+                announced = True
+                _announce(stack, supervisor)
+            if supervisor.all_given_up:
+                log.error("every part crashed in a loop; the launcher stops")
+                exit_code = 1
+                break
+            time.sleep(config.poll_interval_s)
     finally:
-        stack.stop_all()
+        supervisor.stop(urgent=lambda: signals > 1)
+    sys.exit(exit_code)
+
+
+def _announce(stack: Stack, supervisor: Supervisor) -> None:
+    down = [p.name for p in supervisor.parts.values() if p.state != State.UP]
+    print(
+        f"\nORFEAS is up:\n  Studio and REST API  {stack.gateway_url}/\n"
+        f"  API docs             {stack.gateway_url}/docs\n"
+        f"  generation (gRPC)    {stack.generation_address}\n"
+        f"  telemetry (gRPC)     {stack.telemetry_address}\n"
+        f"  data                 {stack.data_dir}\n"
+        + (f"  NOT running (crashed in a loop): {', '.join(down)}\n" if down else "")
+        + "A part that dies is started again. Press Ctrl-C to stop.\n",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -84,6 +84,19 @@ class GenerationConfig:
     export_inline_max_faces: int = 250_000
     grace_period_s: float = 20.0
     max_attempts: int = 2
+    # How long a write to the job database waits for another process's lock
+    # (a backup, a sqlite3 shell) before the call fails UNAVAILABLE.
+    store_lock_wait_s: float = 30.0
+    # Free space kept under DATA_DIR: below it submissions are refused (HTTP 507) and no new job
+    # starts, until space returns.
+    min_free_mb: float = 512.0
+    # A running job with no progress (no committed event) for this long is requeued, or failed
+    # "stalled" once out of attempts. 0: automatic, several times the longest recent stage and at
+    # least 120 s.
+    stall_s: float = 0.0
+    # Extra shape backends: comma-separated Python modules, each defining BACKEND (a ShapeBackend)
+    # and PARAMETERS (its ranges). For a site's own backend, and for the tests' slow and hanging ones.
+    backend_plugins: str = ""
     # Retention: finished jobs and their files expire after this long, and the
     # oldest go first whenever the result files exceed the disk budget.
     retention_s: float = 7 * 24 * 3600.0
@@ -107,6 +120,31 @@ class GenerationConfig:
         if tel and "GENERATION_TELEMETRY_ADDRESS" not in os.environ:
             updates["telemetry_address"] = f"127.0.0.1:{int(tel)}"
         return _replace(cfg, updates)
+
+
+@dataclass(frozen=True)
+class HunyuanConfig:
+    """The `hunyuan3d` shape backend (services/generation/backends/hunyuan3d.py). Environment: HUNYUAN3D_<FIELD>.
+
+    model_path: a local folder laid out like the `hunyuan3d-dit-v2-0` folder of
+    the `tencent/Hunyuan3D-2` model repository: `config.yaml` and
+    `model.fp16.safetensors`. Empty: the backend is off (inflate still serves).
+    The service never downloads; it loads this folder once per device at
+    start-up (fp16 on CUDA, fp32 on the CPU) and keeps it warm.
+    decode_chunk_points: query points per call of the volume decoder; each
+    call is one progress report and one chance to stop. Memory per batch item
+    grows with it.
+    box_bound: the decoded volume spans [-box_bound, box_bound]^3 (the model's
+    training box, 1.01 in hy3dgen).
+    """
+
+    model_path: str = ""
+    decode_chunk_points: int = 65_536
+    box_bound: float = 1.01
+
+    @staticmethod
+    def from_env() -> "HunyuanConfig":
+        return _from_env(HunyuanConfig, "HUNYUAN3D_")
 
 
 @dataclass(frozen=True)
@@ -140,6 +178,8 @@ class GatewayConfig:
     auth_token: str = ""
     # Comma-separated origins allowed by CORS; empty (the default) means CORS is off.
     cors_origins: str = ""
+    # Seconds between keep-alive comments on a quiet SSE stream (proxies drop idle connections).
+    sse_keepalive_s: float = 15.0
     log_level: str = "INFO"
 
     @staticmethod
@@ -153,6 +193,31 @@ class GatewayConfig:
         if tel and "GATEWAY_TELEMETRY_ADDRESS" not in os.environ:
             updates["telemetry_address"] = f"127.0.0.1:{int(tel)}"
         return _replace(cfg, updates)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """`make run`'s launcher (services/stack.py). Environment: SUPERVISOR_<FIELD>."""
+
+    # A part that exits on its own is started again after a back-off that
+    # doubles from backoff_initial_s up to backoff_max_s; once it has stayed
+    # up reset_after_s, its next crash waits backoff_initial_s again.
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    reset_after_s: float = 60.0
+    # More than max_restarts exits within restart_window_s is a crash loop:
+    # the launcher gives up on that part only and keeps the others running.
+    max_restarts: int = 5
+    restart_window_s: float = 60.0
+    # After SIGTERM a part gets this long to stop (generation: its grace period
+    # plus this) before it is killed.
+    stop_timeout_s: float = 15.0
+    # How often the launcher looks at its children.
+    poll_interval_s: float = 0.2
+
+    @staticmethod
+    def from_env() -> "SupervisorConfig":
+        return _from_env(SupervisorConfig, "SUPERVISOR_")
 
 
 def _replace(cfg: T, updates: dict[str, Any]) -> T:

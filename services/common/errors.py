@@ -61,3 +61,9 @@ class Unavailable(ServiceError):
 
 class DataLoss(ServiceError):
     code = grpc.StatusCode.DATA_LOSS
+
+
+def internal_message(exc: BaseException) -> str:
+    """What a client may see of an unexpected error: its kind and text, never a server path."""
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"internal error: {type(exc).__name__}: {detail}" if detail else f"internal error: {type(exc).__name__}"

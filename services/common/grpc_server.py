@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import ResourceExhausted, ServiceError
+from services.common.errors import ResourceExhausted, ServiceError, internal_message
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         return exc.code, exc.message, trailers
     if isinstance(exc, asyncio.TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", ()
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", ()
+    return grpc.StatusCode.INTERNAL, internal_message(exc), ()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
@@ -123,14 +123,19 @@ async def serve_until_signalled(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 10.0,
 ) -> None:
-    """Run until SIGINT/SIGTERM, then stop taking calls, run on_stop, and finish in-flight ones."""
+    """Run until SIGINT/SIGTERM, then drain (on_stop), then stop the server.
+
+    on_stop runs while calls are still served (it turns health to
+    NOT_SERVING first), so clients can follow and fetch work that finishes
+    during the drain; only then does the server refuse calls, giving the
+    ones in flight a few seconds.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down (grace %.0fs)", grace_s)
-    stopping = asyncio.ensure_future(server.stop(grace_s))
     if on_stop is not None:
         await on_stop()
-    await stopping
+    await server.stop(min(grace_s, 5.0))

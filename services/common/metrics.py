@@ -107,7 +107,7 @@ class _ScrapeTimeCollector(Collector):
 REGISTRY.register(_ScrapeTimeCollector())
 
 
-from services.generation.pipeline.records import STAGES  # noqa: E402 - beside the other names
+from services.common.stages import STAGES  # noqa: E402 - beside the other names
 JOB_STATUSES: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 FAILURE_REASONS: tuple[str, ...] = (
     "invalid",
@@ -179,6 +179,7 @@ JOB_DURATION = Histogram(
     buckets=DURATION_BUCKETS,
 )
 QUEUE_LENGTH = Gauge("orfeas_queue_length", "Jobs waiting in the queue")
+STORAGE_FREE = Gauge("orfeas_storage_free_bytes", "Free bytes on the filesystem holding DATA_DIR")
 QUEUE_DURATION = Histogram(
     "orfeas_queue_duration_seconds",
     "Time a job waited in the queue before a worker took it",
@@ -321,6 +322,10 @@ def set_queue_length(n: int) -> None:
 def track_queue_length(length: Callable[[], int]) -> None:
     """Read the queue length at scrape time, so no call site has to keep the gauge in step."""
     QUEUE_LENGTH.set_function(lambda: float(length()))
+
+
+def track_storage_free(free_bytes: Callable[[], float]) -> None:
+    STORAGE_FREE.set_function(free_bytes)
 
 
 def record_job_finished(status: str, error_code: str | None, seconds: float) -> None:

@@ -82,6 +82,20 @@ class ArtifactStore:
         self.delete_input(job_id)
         shutil.rmtree(self.root / "results" / check_job_id(job_id), ignore_errors=True)
 
+    def stored_ids(self, inputs_older_than: float) -> tuple[set[str], set[str]]:
+        """Ids with a results folder, and ids with an input picture last written before the given time."""
+        results = {p.name for p in (self.root / "results").iterdir() if JOB_ID_PATTERN.match(p.name)}
+        inputs: set[str] = set()
+        for path in (self.root / "inputs").iterdir():
+            if not JOB_ID_PATTERN.match(path.name):
+                continue
+            try:
+                if path.stat().st_mtime < inputs_older_than:
+                    inputs.add(path.name)
+            except FileNotFoundError:
+                pass
+        return results, inputs
+
     def results_bytes(self, job_id: str) -> int:
         folder = self.root / "results" / check_job_id(job_id)
         return sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.exists() else 0

@@ -7,9 +7,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from services.common.errors import InvalidArgument
+from services.generation.backends.registry import BackendStatus
 from services.generation.job_store import JobRecord
 from services.generation.pipeline.records import STAGES
-from services.generation.pipeline.params import GenerationParams, MAX_SEED, validate, validate_request_id
+from services.generation.pipeline.params import (
+    DEFAULT_BACKEND,
+    MAX_SEED,
+    GenerationParams,
+    backend_defaults,
+    validate,
+    validate_request_id,
+)
 
 STAGE_ENUM: dict[str, int] = {name: pb.Stage.Value(f"STAGE_{name.upper()}") for name in STAGES}
 STATE_ENUM: dict[str, int] = {
@@ -48,8 +56,9 @@ def overall_progress(stage: str, stage_fraction: float) -> float:
 
 
 def params_from_request(req: pb.GenerateRequest) -> GenerationParams:
-    """Fill defaults, resolve the seed, and check every range (InvalidArgument names the field)."""
-    defaults = GenerationParams()
+    """Fill defaults (the backend's own for resolution, steps and guidance_scale), resolve the seed, and
+    check every range (InvalidArgument names the field)."""
+    defaults = backend_defaults(req.backend or DEFAULT_BACKEND)
     if req.format and req.format not in FORMAT_NAME:
         raise InvalidArgument("format", f"unknown format value {req.format}")
     if req.remove_background and req.remove_background not in BACKGROUND_NAME:
@@ -67,6 +76,9 @@ def params_from_request(req: pb.GenerateRequest) -> GenerationParams:
         ),
         format=FORMAT_NAME.get(req.format, defaults.format),
         backend=req.backend or defaults.backend,
+        guidance_scale=(
+            round(req.guidance_scale, 6) if req.HasField("guidance_scale") else defaults.guidance_scale
+        ),
     )
     validate_request_id(req.request_id)
     return validate(params)
@@ -103,6 +115,7 @@ def resolved_parameters(params: dict) -> pb.ResolvedParameters:
         foreground_ratio=params["foreground_ratio"],
         format=FORMAT_ENUM[params["format"]],
         backend=params["backend"],
+        guidance_scale=params.get("guidance_scale", 0.0),
     )
 
 
@@ -118,6 +131,8 @@ def generation_message(job: JobRecord, queue_position: int = 0) -> pb.Generation
         ],
         queue_position=queue_position,
         request_id=job.request_id or "",
+        cancel_requested=job.cancel_requested and not job.terminal,
+        attempts=job.attempts,
     )
     if job.result is not None:
         msg.result.CopyFrom(mesh_stats(job.result))
@@ -143,3 +158,24 @@ def event_time(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+BACKEND_STATE_ENUM: dict[str, int] = {
+    s: pb.BackendState.Value(f"BACKEND_STATE_{s.upper()}") for s in ("ready", "loading", "unavailable")
+}
+
+
+def backend_message(status: BackendStatus) -> pb.Backend:
+    return pb.Backend(
+        name=status.name,
+        state=BACKEND_STATE_ENUM[status.state],
+        reason=status.reason,
+        is_default=status.is_default,
+        description=status.parameters.description,
+        device=status.device,
+        precision=status.precision,
+        parameters=[
+            pb.ParameterRange(name=r.name, minimum=r.minimum, maximum=r.maximum, default=r.default, meaning=r.meaning)
+            for r in status.parameters.ranges()
+        ],
+    )

@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import ServiceError
+from services.generation.faults import ExportProcessDied
 from services.generation.artifacts import ArtifactStore
 from services.generation.pipeline.records import TexturedShape
 
@@ -99,7 +99,14 @@ class ExportPool:
             log.error("an export process died; restarting the export pool", extra={"job_id": job_id})
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = self._new_executor()
-            raise ServiceError("internal error: the export process died while writing this mesh") from None
+            raise ExportProcessDied("the export process died while writing this mesh (killed by the system?)") from None
+
+    def reset(self) -> None:
+        """Fresh executors, leaving a stuck export behind (the stall watchdog gave up on it)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="export")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
 
     def shutdown(self, wait: bool) -> None:
         """wait: let the (idle) processes exit cleanly; else leave an export still running to die with us."""

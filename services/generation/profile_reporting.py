@@ -1,15 +1,21 @@
 """Every job's profile goes to telemetry, without ever slowing the job down."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from services.generation.jobs import LiveJob
 from services.generation.telemetry_client import PipelineProfile, StageProfile, TelemetryClient
 from services.generation.worker import JobProfile
 
 
 class TelemetryProfileSink:
-    def __init__(self, telemetry: TelemetryClient, worker_id: str) -> None:
+    def __init__(
+        self, telemetry: TelemetryClient, worker_id: str, precision_of: Callable[[str], str] | None = None
+    ) -> None:
         self.telemetry = telemetry
         self.worker_id = worker_id
+        # backend name -> the precision it computes in ("fp16" for hunyuan3d on CUDA); fp32 when not told.
+        self.precision_of = precision_of or (lambda _backend: "fp32")
 
     def report(self, job: LiveJob, profile: JobProfile) -> None:
         # Only whole pipelines make meaningful aggregates; failures are counted by metrics instead.
@@ -33,6 +39,7 @@ class TelemetryProfileSink:
                 ],
                 succeeded=profile.succeeded,
                 face_count=profile.face_count,
-                precision="fp32",
+                precision=self.precision_of(profile.backend),
+                substages={s.name: dict(s.substages) for s in profile.stages if s.substages},
             )
         )

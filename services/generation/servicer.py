@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
@@ -14,6 +15,7 @@ from services.common.errors import DataLoss, InvalidArgument
 from services.generation import convert
 from services.generation.admission import Admission
 from services.generation.artifacts import ChecksumMismatch
+from services.generation.backends.registry import BackendSet
 from services.generation.jobs import JobManager
 
 CHUNK_BYTES = 1024 * 1024
@@ -21,9 +23,36 @@ MAX_TIMEOUT_S = 86_400.0
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, manager: JobManager, admission: Admission) -> None:
+    def __init__(self, manager: JobManager, admission: Admission, backends: BackendSet | None = None) -> None:
         self.manager = manager
         self.admission = admission
+        # Without a set from start-up: inflate only (it runs wherever the worker does).
+        self.backends = backends if backends is not None else BackendSet(torch.device("cpu"))
+
+    async def ListBackends(
+        self, request: pb.ListBackendsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBackendsResponse:
+        return pb.ListBackendsResponse(backends=[convert.backend_message(s) for s in self.backends.statuses()])
+
+    async def GetServiceStatus(
+        self, request: pb.GetServiceStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServiceStatus:
+        status = pb.ServiceStatus(
+            accepting=self.manager.accepting,
+            queue_length=self.manager.queue_length,
+            running=self.manager.running_count,
+        )
+        if self.manager.storage is not None:
+            storage = self.manager.storage.state()
+            status.storage.CopyFrom(
+                pb.StorageStatus(
+                    free_bytes=storage.free_bytes,
+                    reserve_bytes=storage.reserve_bytes,
+                    ok=storage.ok,
+                    message="" if storage.ok else storage.describe(),
+                )
+            )
+        return status
 
     async def SubmitGeneration(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.Generation:
         record = await self._submit(request, call_deadline=None)
@@ -43,12 +72,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             # The client went away (the generator is cancelled or closed). The
             # job goes on, and can be watched again, unless the request asked
-            # for it to end with the call.
+            # for it to end with the call. The cancel outlives this call, so the
+            # manager owns it.
             if not ended and request.cancel_on_disconnect:
-                asyncio.get_running_loop().create_task(self.manager.cancel(record.id))
+                self.manager.tasks.spawn(self.manager.cancel(record.id), f"cancel-on-disconnect-{record.id}")
 
     async def GetGeneration(self, request: pb.GetGenerationRequest, context: grpc.aio.ServicerContext) -> pb.Generation:
-        record, position = self.manager.get(request.id)
+        record, position = await self.manager.get(request.id)
         return convert.generation_message(record, position)
 
     async def ListGenerations(
@@ -57,7 +87,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if request.status and request.status not in convert.STATUS_NAME:
             raise InvalidArgument("status", f"unknown status value {request.status}")
         status = convert.STATUS_NAME.get(request.status)
-        records, token = self.manager.list(request.page_size, request.page_token, status)
+        records, token = await self.manager.list(request.page_size, request.page_token, status)
         return pb.ListGenerationsResponse(
             generations=[convert.generation_message(r, self.manager.queue_position(r.id)) for r in records],
             next_page_token=token,
@@ -72,7 +102,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def WatchGeneration(
         self, request: pb.WatchGenerationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerationEvent]:
-        async for event in self.manager.watch(request.id):
+        async for event in self.manager.watch(request.id, after=request.after_sequence):
             yield event
 
     async def DownloadResult(
@@ -80,7 +110,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.ResultChunk]:
         if request.format and request.format not in convert.FORMAT_NAME:
             raise InvalidArgument("format", f"unknown format value {request.format}")
-        fmt, content_type, filename, digest = self.manager.result_file(
+        fmt, content_type, filename, digest = await self.manager.result_file(
             request.id, convert.FORMAT_NAME.get(request.format)
         )
         try:
@@ -98,12 +128,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _submit(self, request: pb.GenerateRequest, call_deadline: float | None):  # -> JobRecord
         params = convert.params_from_request(request)
+        # A backend that cannot serve (no weights, broken weights) refuses here, naming why; one still
+        # loading its weights takes the job, which waits in the queue until they are in.
+        self.backends.require_ready(params.backend, loading_is_fine=True)
         timeout = request.timeout_seconds
         if timeout != timeout or not 0 <= timeout <= MAX_TIMEOUT_S:
             raise InvalidArgument("timeout_seconds", f"must be between 0 and {MAX_TIMEOUT_S:,.0f}, got {timeout}")
         deadlines = [d for d in (call_deadline, time.time() + timeout if timeout else None) if d is not None]
         loaded, loading_s = await self.admission.load(request.image)
-        return self.manager.submit(
+        return await self.manager.submit(
             params,
             request.image,
             payload_sha256=_payload_sha256(request),

@@ -26,7 +26,7 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
 from services.common.config import SecurityConfig
 from services.common.grpc_security import create_channel
 from services.generation.device_monitor import DeviceSample
-from services.telemetry.convert import device_sample as device_sample_message
+from services.common.telemetry_messages import device_sample_message
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class PipelineProfile:
     succeeded: bool
     face_count: int = 0  # 0 when unknown
     precision: str = ""  # "fp32", "fp16", "bf16"; "" when unknown
+    # A backend's parts of a stage: stage -> (part -> seconds), e.g. hunyuan3d's denoising.
+    substages: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,17 @@ def profile_to_proto(p: PipelineProfile) -> tpb.PipelineProfile:
             for s in p.stages
         ],
         succeeded=p.succeeded,
+        substages=[
+            tpb.SubStageTiming(stage=stage, name=name, duration_s=seconds)
+            for stage, parts in p.substages.items()
+            for name, seconds in parts.items()
+        ],
     )
 
 
 def sample_to_proto(s: DeviceSample) -> tpb.DeviceSample:
-    # One conversion for both sides: telemetry's record has the same fields.
-    return device_sample_message(s)  # type: ignore[arg-type]
+    # One conversion for both sides (services.common): telemetry's record has the same fields.
+    return device_sample_message(s)
 
 
 def outcome_to_proto(o: BatchOutcome) -> tpb.RecordBatchOutcomeRequest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from services.telemetry.records import Bottleneck, ProfileRecord, StageStats, Summary
+from services.telemetry.records import Bottleneck, ProfileRecord, StageStats, SubStageStats, Summary
 
 # A stage is a bottleneck from this share of the pipeline, and critical from the next.
 BOTTLENECK_WARNING_SHARE = 0.20
@@ -42,10 +42,16 @@ def summarize(profiles: Sequence[ProfileRecord]) -> Summary:
 
     durations: dict[str, list[float]] = {}
     offsets: dict[str, list[float]] = {}
+    # stage -> part -> (its durations, its stage's durations in the same profiles)
+    parts: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for p in succeeded:
         for s in p.stages:
             durations.setdefault(s.name, []).append(s.duration_s)
             offsets.setdefault(s.name, []).append(s.start_offset_s)
+            for name, seconds in s.substages:
+                own, whole = parts.setdefault(s.name, {}).setdefault(name, ([], []))
+                own.append(seconds)
+                whole.append(s.duration_s)
 
     # Pipeline order: by where a stage starts on average, name breaking ties.
     order = sorted(durations, key=lambda name: (sum(offsets[name]) / len(offsets[name]), name))
@@ -63,6 +69,7 @@ def summarize(profiles: Sequence[ProfileRecord]) -> Summary:
                 max=values[-1],
                 min=values[0],
                 share=stage_time / total_time if total_time > 0 else 0.0,
+                substages=tuple(_part_stats(part, own, whole) for part, (own, whole) in parts.get(name, {}).items()),
             )
         )
 
@@ -83,6 +90,18 @@ def summarize(profiles: Sequence[ProfileRecord]) -> Summary:
         p95_duration=percentile(totals, 0.95),
         stage_breakdown=tuple(breakdown),
         bottlenecks=tuple(bottlenecks),
+    )
+
+
+def _part_stats(name: str, own: list[float], whole: list[float]) -> SubStageStats:
+    values = sorted(own)
+    return SubStageStats(
+        name=name,
+        count=len(values),
+        avg_duration=sum(values) / len(values),
+        p50=percentile(values, 0.50),
+        p95=percentile(values, 0.95),
+        share_of_stage=sum(values) / sum(whole) if sum(whole) > 0 else 0.0,
     )
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pb.orfeas.telemetry.v1 import telemetry_pb2 as tpb
+from services.common.telemetry_messages import device_sample_message
 from services.telemetry.model import DeviceStatus
 from services.telemetry.records import (
     CostEstimate,
@@ -45,6 +46,13 @@ def summary(
             tpb.StageStats(
                 name=st.name, count=st.count, avg_duration=st.avg_duration, p50=st.p50, p95=st.p95,
                 max=st.max, min=st.min, share=st.share,
+                substages=[
+                    tpb.SubStageStats(
+                        name=part.name, count=part.count, avg_duration=part.avg_duration, p50=part.p50,
+                        p95=part.p95, share_of_stage=part.share_of_stage,
+                    )
+                    for part in st.substages
+                ],
             )
             for st in s.stage_breakdown
         ],
@@ -62,24 +70,8 @@ def recommendation(r: Recommendation) -> tpb.Recommendation:
 
 
 def device_sample(s: DeviceSampleRecord) -> tpb.DeviceSample:
-    msg = tpb.DeviceSample(
-        worker_id=s.worker_id,
-        device=s.device,
-        device_type=s.device_type,
-        name=s.name,
-        memory_total_bytes=s.memory_total_bytes,
-        memory_used_bytes=s.memory_used_bytes,
-        memory_free_bytes=s.memory_free_bytes,
-        sampled_at=s.sampled_at,
-    )
-    for name in (
-        "utilization_percent", "temperature_c", "power_w",
-        "torch_free_bytes", "torch_total_bytes", "torch_max_allocated_bytes",
-    ):
-        value = getattr(s, name)
-        if value is not None:
-            setattr(msg, name, value)
-    return msg
+    # The generation service sends the same message from its own record: the conversion lives in common.
+    return device_sample_message(s)
 
 
 def trends(t: Trends) -> tpb.Trends:

@@ -12,6 +12,8 @@ class StageRecord:
     start_offset_s: float
     duration_s: float
     memory_peak_bytes: int = 0
+    # A backend's parts of the stage, (name, seconds), in the order they ran.
+    substages: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ class DeviceSampleRecord:
 
 
 @dataclass(frozen=True)
+class SubStageStats:
+    name: str
+    count: int
+    avg_duration: float
+    p50: float
+    p95: float
+    share_of_stage: float
+
+
+@dataclass(frozen=True)
 class StageStats:
     name: str
     count: int
@@ -69,6 +81,7 @@ class StageStats:
     max: float
     min: float
     share: float
+    substages: tuple[SubStageStats, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from services.telemetry.records import (
@@ -61,6 +62,14 @@ CREATE TABLE IF NOT EXISTS stages (
     duration_s REAL NOT NULL,
     memory_peak_bytes INTEGER NOT NULL,
     PRIMARY KEY (profile_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS substages (
+    profile_id INTEGER NOT NULL REFERENCES profiles (id),
+    stage TEXT NOT NULL,
+    name TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    duration_s REAL NOT NULL,
+    PRIMARY KEY (profile_id, stage, name)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS device_samples (
     worker_id TEXT NOT NULL,
@@ -181,6 +190,14 @@ class TelemetryStore:
                     " VALUES (?,?,?,?,?)",
                     [(cur.lastrowid, s.name, s.start_offset_s, s.duration_s, s.memory_peak_bytes) for s in p.stages],
                 )
+                self._db.executemany(
+                    "INSERT INTO substages (profile_id, stage, name, position, duration_s) VALUES (?,?,?,?,?)",
+                    [
+                        (cur.lastrowid, s.name, name, position, duration)
+                        for s in p.stages
+                        for position, (name, duration) in enumerate(s.substages)
+                    ],
+                )
                 stored.append(p)
         return stored, duplicates
 
@@ -199,6 +216,18 @@ class TelemetryStore:
             args,
         ):
             stages.setdefault(pid, []).append(StageRecord(name, offset, duration, peak))
+        parts: dict[tuple[int, str], list[tuple[str, float]]] = {}
+        for pid, stage, name, duration in self._db.execute(
+            "SELECT u.profile_id, u.stage, u.name, u.duration_s FROM substages u"
+            f" JOIN profiles ON profiles.id = u.profile_id {where} ORDER BY u.profile_id, u.stage, u.position",
+            args,
+        ):
+            parts.setdefault((pid, stage), []).append((name, duration))
+        if parts:
+            stages = {
+                pid: [replace(s, substages=tuple(parts.get((pid, s.name), ()))) for s in records]
+                for pid, records in stages.items()
+            }
         return [
             ProfileRecord(
                 job_id=r[1], backend=r[2], worker_id=r[3], device=r[4], batch_size=r[5], image_width=r[6],

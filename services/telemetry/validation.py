@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 from pb.orfeas.telemetry.v1 import telemetry_pb2 as tpb
@@ -18,6 +19,7 @@ MAX_SECONDS = 86_400.0
 MAX_BATCH = 1_024
 MAX_RECORDS = 1_000
 MAX_STAGES = 32
+MAX_SUBSTAGES = 64
 PRECISIONS = ("", "fp32", "fp16", "bf16")
 
 _BACKEND = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -110,6 +112,7 @@ def profile(path: str, msg: tpb.PipelineProfile) -> ProfileRecord:
                 memory_peak_bytes=memory_bytes(f"{sp}.memory_peak_bytes", s.memory_peak_bytes),
             )
         )
+    stages = _with_substages(path, msg, stages, slack)
     return ProfileRecord(
         job_id=_text(f"{path}.job_id", msg.job_id, 128, True),
         backend=backend(f"{path}.backend", msg.backend),
@@ -127,6 +130,31 @@ def profile(path: str, msg: tpb.PipelineProfile) -> ProfileRecord:
         stages=tuple(stages),
         succeeded=bool(msg.succeeded),
     )
+
+
+def _with_substages(
+    path: str, msg: tpb.PipelineProfile, stages: list[StageRecord], slack: float
+) -> list[StageRecord]:
+    """The stages with the parts a backend reported for them (each names one of the profile's stages)."""
+    if len(msg.substages) > MAX_SUBSTAGES:
+        raise InvalidArgument(f"{path}.substages", f"at most {MAX_SUBSTAGES}, got {len(msg.substages)}")
+    by_stage = {s.name: s for s in stages}
+    parts: dict[str, list[tuple[str, float]]] = {}
+    for i, sub in enumerate(msg.substages):
+        sp = f"{path}.substages[{i}]"
+        stage = by_stage.get(sub.stage)
+        if stage is None:
+            raise InvalidArgument(f"{sp}.stage", f"must name one of the profile's stages, got {sub.stage!r}")
+        name = _text(f"{sp}.name", sub.name, 64, True, _STAGE)
+        if any(name == known for known, _ in parts.get(stage.name, ())):
+            raise InvalidArgument(f"{sp}.name", f"{stage.name}.{name} appears twice")
+        duration = _float(f"{sp}.duration_s", sub.duration_s, 0.0, MAX_SECONDS)
+        if duration > stage.duration_s + slack:
+            raise InvalidArgument(
+                f"{sp}.duration_s", f"must be at most its stage's duration_s ({stage.duration_s:g}), got {duration:g}"
+            )
+        parts.setdefault(stage.name, []).append((name, duration))
+    return [replace(s, substages=tuple(parts[s.name])) if s.name in parts else s for s in stages]
 
 
 def profiles(request: tpb.ReportProfileRequest) -> list[ProfileRecord]:

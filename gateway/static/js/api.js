@@ -51,3 +51,8 @@ export const generations = {
   eventsUrl: (id) => `/api/v1/generations/${encodeURIComponent(id)}/events`,
   resultUrl: (id, format) => `/api/v1/generations/${encodeURIComponent(id)}/result?format=${format}`,
 };
+
+// The shape backends: ready or not (and why), their parameter ranges and defaults.
+export const backends = {
+  list: () => request("/api/v1/backends"),
+};

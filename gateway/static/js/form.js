@@ -1,11 +1,16 @@
 // The settings form: the picture (picker or drop), the settings, and the
 // API's errors shown beside the control they name.
 
-import { generations } from "./api.js";
-import { bytes } from "./format.js";
+import { backends, generations } from "./api.js";
+import { bytes, count } from "./format.js";
 
-const FIELDS = ["resolution", "steps", "face_count", "remove_background", "foreground_ratio",
-  "texture", "texture_size", "format", "seed"];
+const FIELDS = ["backend", "resolution", "steps", "guidance_scale", "face_count", "remove_background",
+  "foreground_ratio", "texture", "texture_size", "format", "seed"];
+// What resolution and steps mean for each backend (the ranges come from the API).
+const MEANING = {
+  resolution: { inflate: "Grid cells per side", hunyuan3d: "Octree resolution of the decoded volume" },
+  steps: { inflate: "Refinement steps", hunyuan3d: "Denoising steps" },
+};
 // Errors about the upload itself, whatever the API calls the part.
 const IMAGE_FIELDS = new Set(["image", "image_base64", "body"]);
 
@@ -52,6 +57,11 @@ export class GenerateForm {
     const texture = root.querySelector("#texture");
     const textureSize = root.querySelector("#texture_size");
     texture.addEventListener("change", () => { textureSize.disabled = !texture.checked; });
+    this.backend = root.querySelector("#backend");
+    this.backendHint = root.querySelector("#backend-hint");
+    this.backends = new Map();
+    this.backend.addEventListener("change", () => this.applyBackend(true));
+    this.loadBackends();
     root.addEventListener("input", (e) => this.clearError(e.target.id));
     root.addEventListener("reset", () => {
       this.clearErrors();
@@ -61,6 +71,7 @@ export class GenerateForm {
       setTimeout(() => {
         this.input.files = kept;
         textureSize.disabled = false;
+        this.applyBackend(false);
       });
     });
     root.addEventListener("submit", (e) => {
@@ -86,11 +97,58 @@ export class GenerateForm {
     this.fileName.textContent = `${file.name} · ${bytes(file.size)}`;
   }
 
+  // The backend list from the API: each option says whether it is ready, and why not.
+  async loadBackends() {
+    let listed;
+    try {
+      listed = (await backends.list()).backends;
+    } catch {
+      return; // inflate stays, with its ranges from the page
+    }
+    const chosen = this.backend.value;
+    this.backends = new Map(listed.map((b) => [b.name, b]));
+    this.backend.replaceChildren(
+      ...listed.map((b) => {
+        const option = document.createElement("option");
+        option.value = b.name;
+        option.textContent = b.ready ? b.name : `${b.name} (${b.state === "loading" ? "loading" : "not ready"})`;
+        option.selected = b.name === chosen;
+        option.dataset.state = b.state;
+        return option;
+      }),
+    );
+    this.applyBackend(false);
+  }
+
+  // Ranges, defaults and hints of the settings that depend on the backend; `useDefaults` also sets
+  // the backend's default values (when the person picks another backend).
+  applyBackend(useDefaults) {
+    const backend = this.backends.get(this.backend.value);
+    if (!backend) return;
+    this.clearError("backend");
+    this.backendHint.textContent = backend.ready
+      ? backend.description
+      : `Not ready: ${backend.reason}`;
+    for (const name of ["resolution", "steps", "guidance_scale"]) {
+      const control = this.form.elements[name];
+      const range = backend.parameters[name];
+      control.disabled = !range;
+      if (!range) continue;
+      control.min = range.minimum;
+      control.max = range.maximum;
+      if (useDefaults) control.value = range.default;
+      const hint = this.form.querySelector(`#${name}-hint`);
+      const meaning = (MEANING[name] && MEANING[name][backend.name]) || range.meaning;
+      hint.textContent = `${meaning[0].toUpperCase()}${meaning.slice(1)}, ${count(range.minimum)}–${count(range.maximum)}`;
+    }
+  }
+
   formData() {
     const data = new FormData();
     data.append("image", this.input.files[0]);
     for (const name of FIELDS) {
       const control = this.form.elements[name];
+      if (control.disabled) continue; // a setting the chosen backend does not have
       if (control.type === "checkbox") data.append(name, control.checked ? "true" : "false");
       else if (control.value.trim() !== "") data.append(name, control.value.trim());
     }

@@ -90,7 +90,9 @@ export class RunPanel {
       if (data.stage !== "image_loading") {
         clearTimeout(this.queueTimer);
         this.queueTimer = null;
-        if (data.state !== "completed") this.showStatus("running", 0, data.stage, data.stage_progress);
+        if (data.state !== "completed") {
+          this.showStatus("running", 0, data.stage, data.stage_progress, data.detail);
+        }
       }
     });
     for (const status of TERMINAL) {
@@ -180,10 +182,12 @@ export class RunPanel {
     else time.textContent = "—";
   }
 
-  showStatus(status, queuePosition = 0, stage = null, stageProgress = 0) {
+  // `detail`: what the stage is doing, when the backend says ("denoising step 3 of 30").
+  showStatus(status, queuePosition = 0, stage = null, stageProgress = 0, detail = "") {
+    const running = stage ? `Running: ${stageLabel(stage)} (${Math.round((stageProgress || 0) * 100)}%)` : "Running";
     const text = {
       queued: queuePosition > 0 ? `Waiting in the queue: position ${queuePosition}.` : "Waiting in the queue.",
-      running: stage ? `Running: ${stageLabel(stage)} (${Math.round((stageProgress || 0) * 100)}%).` : "Running.",
+      running: detail ? `${running}: ${detail}.` : `${running}.`,
     }[status];
     this.el.status.textContent = text || `Status: ${status}.`;
     this.el.status.dataset.status = status;

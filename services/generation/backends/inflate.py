@@ -30,19 +30,22 @@ import contextlib
 import math
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, ServiceError
 from services.generation.backends.base import (
+    BatchTimings,
     ProgressCallback,
     ShapeBackend,
+    ShapeItem,
+    ShapeSettings,
     StopCheck,
     check_stop,
     ensure_memory_fits,
-    report,
 )
 from services.generation.pipeline.image_preprocessing import (
     MIN_GRID_CELLS,
@@ -84,51 +87,120 @@ class InflateBackend(ShapeBackend):
         mesh = _MESH_BYTES_PER_CELL * resolution**2
         return int(solver + mesh)
 
+    def generate_batch(
+        self,
+        items: list[ShapeItem],
+        settings: ShapeSettings,
+        *,
+        device: torch.device,
+        progress: ProgressCallback | None = None,
+        should_stop: StopCheck | None = None,
+        timings: BatchTimings | None = None,
+    ) -> list[Shape | ServiceError]:
+        """The batch interface over `generate`: a silhouette too thin to build fails alone."""
+        if not items:
+            return []
+        masks = [item.image.grid_mask for item in items]
+        _check_masks(masks)
+        cells = [regularize_grid_mask(mask) for mask in masks]
+        results: list[Shape | ServiceError] = [_too_thin() for _ in items]
+        solvable = [index for index, item in enumerate(cells) if item.sum() >= MIN_GRID_CELLS]
+        if not solvable:
+            return results
+        ensure_memory_fits(len(solvable), self.estimate_item_bytes(masks[0].shape[0], settings.steps), device)
+        check_stop(should_stop)
+        measured: dict[str, float] = {}
+
+        def fraction_done(fraction: float) -> None:
+            if progress is not None:
+                progress(fraction, "solving" if fraction < SOLVE_SHARE else "building meshes")
+
+        shapes = _solve_and_build([cells[i] for i in solvable], settings.steps, device, fraction_done, should_stop,
+                                  measured)
+        for index, shape in zip(solvable, shapes):
+            results[index] = shape
+        if timings is not None:
+            timings.substages.update(measured)
+        return results
+
     def generate(
         self,
         grid_masks: list[np.ndarray],
         *,
         steps: int,
         device: torch.device,
-        progress: ProgressCallback | None = None,
+        progress: Callable[[float], None] | None = None,
         should_stop: StopCheck | None = None,
     ) -> list[Shape]:
+        """One Shape per (R, R) grid mask, in order; any mask too thin to build fails the call."""
         if not grid_masks:
             return []
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        _check_masks(grid_masks)
         resolution = grid_masks[0].shape[0]
-        for mask in grid_masks:
-            if mask.ndim != 2 or mask.shape != (resolution, resolution):
-                raise ValueError(f"grid masks must all be ({resolution}, {resolution}), got {mask.shape}")
         ensure_memory_fits(len(grid_masks), self.estimate_item_bytes(resolution, steps), device)
         check_stop(should_stop)
 
         cells = [regularize_grid_mask(mask) for mask in grid_masks]
         for item in cells:
             if item.sum() < MIN_GRID_CELLS:
-                raise InvalidArgument("image", "no foreground found: the silhouette is too thin to build a solid")
+                raise _too_thin()
+        return _solve_and_build(cells, steps, device, progress, should_stop, {})
 
-        padded = _padded_cells(resolution)
-        batch = np.zeros((len(cells), padded, padded), bool)
-        for index, item in enumerate(cells):
-            batch[index, :resolution, :resolution] = item
-        with _cpu_threads(device):
-            potential = solve_poisson(
-                torch.from_numpy(batch).to(device),
-                max_iterations=steps,
-                progress=lambda fraction: report(progress, fraction * SOLVE_SHARE),
-                should_stop=should_stop,
-            )
-            corner_potential = potential[:, : resolution + 1, : resolution + 1].cpu().numpy()
-        del potential
 
-        shapes = []
-        for index, item in enumerate(cells):
-            check_stop(should_stop)
-            shapes.append(build_mesh(item, corner_potential[index]))
-            report(progress, SOLVE_SHARE + (1 - SOLVE_SHARE) * (index + 1) / len(cells))
-        return shapes
+def _too_thin() -> InvalidArgument:
+    return InvalidArgument("image", "no foreground found: the silhouette is too thin to build a solid")
+
+
+def _check_masks(grid_masks: list[np.ndarray]) -> None:
+    resolution = grid_masks[0].shape[0]
+    for mask in grid_masks:
+        if mask.ndim != 2 or mask.shape != (resolution, resolution):
+            raise ValueError(f"grid masks must all be ({resolution}, {resolution}), got {mask.shape}")
+
+
+def _solve_and_build(
+    cells: list[np.ndarray],
+    steps: int,
+    device: torch.device,
+    progress: Callable[[float], None] | None,
+    should_stop: StopCheck | None,
+    timings: dict[str, float],
+) -> list[Shape]:
+    """Solve every regularised cell mask in one batch, then build each one's mesh."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    resolution = cells[0].shape[0]
+    started = time.perf_counter()
+    padded = _padded_cells(resolution)
+    batch = np.zeros((len(cells), padded, padded), bool)
+    for index, item in enumerate(cells):
+        batch[index, :resolution, :resolution] = item
+    with _cpu_threads(device):
+        potential = solve_poisson(
+            torch.from_numpy(batch).to(device),
+            max_iterations=steps,
+            progress=lambda fraction: _report(progress, fraction * SOLVE_SHARE),
+            should_stop=should_stop,
+        )
+        corner_potential = potential[:, : resolution + 1, : resolution + 1].cpu().numpy()
+    del potential
+    timings["solve"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    shapes = []
+    for index, item in enumerate(cells):
+        check_stop(should_stop)
+        shapes.append(build_mesh(item, corner_potential[index]))
+        _report(progress, SOLVE_SHARE + (1 - SOLVE_SHARE) * (index + 1) / len(cells))
+    timings["mesh_building"] = time.perf_counter() - started
+    return shapes
+
+
+def _report(progress: Callable[[float], None] | None, fraction: float) -> None:
+    if progress is not None:
+        progress(min(1.0, max(0.0, fraction)))
 
 
 _THREADS_LOCK = threading.Lock()
@@ -241,7 +313,7 @@ def solve_poisson(
     cells: torch.Tensor,
     *,
     max_iterations: int,
-    progress: ProgressCallback | None = None,
+    progress: Callable[[float], None] | None = None,
     should_stop: StopCheck | None = None,
 ) -> torch.Tensor:
     """u on the (B, M+1, M+1) corner grid with 4u - sum(neighbours) = 1 at interior corners, u = 0 elsewhere.
@@ -281,7 +353,7 @@ def solve_poisson(
                 # Progress by residual reduction when that says more than the iteration count.
                 worst = float(torch.max(torch.where(active, norm2 / initial_norm2, torch.zeros_like(norm2))))
                 fraction = max(fraction, math.log(max(worst, 1e-30)) / math.log(RELATIVE_TOLERANCE**2))
-            report(progress, fraction if remaining else 1.0)
+            _report(progress, fraction if remaining else 1.0)
             check_stop(should_stop)
             if not remaining:
                 break

@@ -1,13 +1,11 @@
 """Stage 2: find the object, crop it, recentre it on a square canvas.
 
 The foreground comes from the alpha channel when the picture has a
-meaningful one, else from an automatic background removal: the background
-colours are learnt from the picture's border, every pixel is scored by its
-colour distance to them, the score is thresholded (Otsu, with a floor so a
-plain picture finds nothing) and the mask cleaned up (largest component,
-holes filled, specks removed). The work is done on a small copy; the soft
-mask is then resampled with the picture, so the edges stay smooth at the
-crop's resolution.
+meaningful one, else from the automatic background removal in
+background_removal.py (GrabCut seeded from the picture's border). The soft
+mask is resampled with the picture, so the edges stay smooth at the crop's
+resolution. The mask chosen is also kept at the picture's own size
+(PreparedImage.source_mask): the cut-out a user can look at.
 """
 from __future__ import annotations
 
@@ -16,31 +14,23 @@ from PIL import Image
 from scipy import ndimage
 
 from services.common.errors import InvalidArgument
+from services.generation.pipeline.background_removal import (
+    NO_FOREGROUND,
+    check_share,
+    foreground_score,
+    largest_component,
+)
 from services.generation.pipeline.records import LoadedImage, PreparedImage
 
-# Side of the small copy the segmentation works on.
-WORK_SIDE = 256
 # The square crop's side is the object's size in source pixels, within these.
 MIN_CROP_SIDE = 256
 MAX_CROP_SIDE = 1024
-# A foreground smaller than this share of the picture is noise, not an object.
-MIN_FOREGROUND_SHARE = 0.005
-# Segmentation that keeps more than this share found no background at all.
-MAX_SEGMENTED_SHARE = 0.95
 # A grid mask needs this many cells left after regularisation to make a solid.
 MIN_GRID_CELLS = 16
-# Width of the border band the background is learnt from, as a share of the shorter side.
-BORDER_BAND = 0.03
-# Colour distance (in _colour_features units, 0..~1) below which a pixel is background whatever Otsu says.
-MIN_CONTRAST = 0.06
-# A smooth background field whose median misfit on the border exceeds this is not used.
-SMOOTH_BACKGROUND_RESIDUAL = 0.04
 # Alpha at or above this is foreground.
 ALPHA_THRESHOLD = 128
 # The neutral colour the crop's background pixels are filled with.
 BACKGROUND_FILL = (128, 128, 128)
-
-_NO_FOREGROUND = "no foreground found"
 
 
 def prepare_image(
@@ -57,181 +47,26 @@ def prepare_image(
     elif remove_background == "off":
         score, mask_source = np.full((height, width), 255, np.uint8), "full"
     else:
-        score, mask_source = _segment(rgba[..., :3]), "segmentation"
+        score, mask_source = foreground_score(rgba[..., :3]), "segmentation"
 
     rgb, mask = _crop_square(rgba[..., :3], score, foreground_ratio)
     grid_mask = _grid_mask(mask, resolution)
-    return PreparedImage(rgb=rgb, mask=mask, grid_mask=grid_mask, mask_source=mask_source)
+    return PreparedImage(
+        rgb=rgb, mask=mask, grid_mask=grid_mask, mask_source=mask_source, source_mask=score >= ALPHA_THRESHOLD
+    )
 
 
 def _alpha_score(alpha: np.ndarray) -> np.ndarray:
     """The alpha channel as a uint8 score (foreground at 128 and up), reduced to its largest component
     with small holes filled."""
     mask = alpha >= ALPHA_THRESHOLD
-    _check_share(mask, "the picture is fully transparent" if not mask.any() else "the opaque part is tiny")
-    cleaned = _largest_component(mask)
+    check_share(mask, "the picture is fully transparent" if not mask.any() else "the opaque part is tiny")
+    cleaned = largest_component(mask)
     cleaned = _fill_small_holes(cleaned, max_hole=max(16, cleaned.sum() // 500))
     # Keep the soft edge where the clean mask agrees, force the rest.
     return np.where(cleaned, np.maximum(alpha, ALPHA_THRESHOLD), np.minimum(alpha, ALPHA_THRESHOLD - 1)).astype(
         np.uint8
     )
-
-
-def _segment(rgb: np.ndarray) -> np.ndarray:
-    """Automatic background removal: a uint8 foreground score (128 and up) at the picture's size."""
-    height, width = rgb.shape[:2]
-    scale = min(1.0, WORK_SIDE / max(height, width))
-    small_size = (max(8, round(width * scale)), max(8, round(height * scale)))
-    small = np.asarray(Image.fromarray(rgb).resize(small_size, Image.Resampling.BOX), np.float32) / 255.0
-    # A light blur so that texture and JPEG noise do not read as foreground.
-    small = ndimage.uniform_filter(small, size=(3, 3, 1), mode="nearest")
-    features = _colour_features(small)
-    sides = _border_sides(features.shape[:2])
-
-    # Two background models, and a pixel is background when either explains it: a smooth colour
-    # field (studio backdrops, gradients, vignetting) and a few flat colours (a table and a wall).
-    distance = _distance_to_background_colours(features, sides)
-    smooth = _distance_to_smooth_background(features, sides)
-    if smooth is not None:
-        distance = np.minimum(distance, smooth)
-    mask = distance > max(_otsu(distance), MIN_CONTRAST)
-    if not mask.any():
-        raise InvalidArgument("image", f"{_NO_FOREGROUND}: the picture looks like plain background")
-    mask = ndimage.binary_opening(mask)
-    mask = _largest_component(mask)
-    mask = ndimage.binary_fill_holes(mask)
-    _check_share(mask, "nothing stands out from the background")
-    if mask.mean() > MAX_SEGMENTED_SHARE:
-        raise InvalidArgument(
-            "image",
-            f"{_NO_FOREGROUND}: could not tell the object from the background; "
-            "use a picture of one object on a plain background, or a PNG with transparency",
-        )
-    soft = ndimage.gaussian_filter(mask.astype(np.float32) * 255.0, sigma=0.8, mode="constant")
-    # Back to the picture's size so that the crop resamples colour and mask alike.
-    score = Image.fromarray(np.clip(soft + 0.5, 0, 255).astype(np.uint8), "L")
-    return np.asarray(score.resize((width, height), Image.Resampling.BILINEAR))
-
-
-def _colour_features(rgb: np.ndarray) -> np.ndarray:
-    """An opponent colour space where brightness counts less than hue, so soft shadows stay background."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    lightness = (r + g + b) * (0.6 / 3.0)
-    red_green = (r - g) * 0.9
-    yellow_blue = ((r + g) * 0.5 - b) * 0.9
-    return np.stack([lightness, red_green, yellow_blue], axis=-1)
-
-
-def _border_sides(shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) int8: 0 inside, 1..4 for the top, bottom, left and right border bands."""
-    height, width = shape
-    band = max(2, round(BORDER_BAND * min(height, width)))
-    sides = np.zeros(shape, np.int8)
-    sides[:, :band], sides[:, -band:] = 3, 4
-    sides[:band], sides[-band:] = 1, 2
-    return sides
-
-
-def _distance_to_smooth_background(features: np.ndarray, sides: np.ndarray) -> np.ndarray | None:
-    """Distance to a quadratic colour field fitted to the border, robustly (Cauchy weights), so the
-    part of an object that touches the border does not pull the fit; None when the border is too
-    busy for such a field to be the background (it would then explain half the object too)."""
-    height, width = sides.shape
-    ys = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
-    xs = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
-    ys, xs = np.broadcast_to(ys, (height, width)), np.broadcast_to(xs, (height, width))
-    border = sides > 0
-    stride = max(1, int(border.sum()) // 3000)
-    basis = _quadratic_basis(xs[border][::stride], ys[border][::stride]).astype(np.float64)
-    targets = features[border][::stride].astype(np.float64)
-    weights = np.ones(len(targets))
-    for _ in range(4):
-        # Weighted normal equations: a 6x6 solve, far cheaper than an SVD of the whole border.
-        weighted = basis * weights[:, None]
-        coefficients = np.linalg.solve(weighted.T @ basis + 1e-6 * np.eye(basis.shape[1]), weighted.T @ targets)
-        residual = np.sqrt(((targets - basis @ coefficients) ** 2).sum(-1))
-        scale = 1.5 * float(np.median(residual)) + 0.01
-        weights = 1.0 / (1.0 + (residual / scale) ** 2)
-    if np.median(residual) > SMOOTH_BACKGROUND_RESIDUAL:
-        return None
-    # Evaluated term by term rather than as a matmul: no BLAS threads for this small product.
-    terms = (np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys)
-    predicted = sum(term[..., None] * weight.astype(np.float32) for term, weight in zip(terms, coefficients))
-    return np.sqrt(((features - predicted) ** 2).sum(-1))
-
-
-def _quadratic_basis(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
-
-
-def _distance_to_background_colours(features: np.ndarray, sides: np.ndarray, clusters: int = 4) -> np.ndarray:
-    """Distance to the nearest of a few border colours (k-means, deterministic farthest-point start).
-
-    A colour that covers a good share of only one side is more likely the object running off the
-    picture than background, so it is left out.
-    """
-    border = sides > 0
-    stride = max(1, int(border.sum()) // 2000)
-    samples = features[border][::stride].astype(np.float32)
-    sample_sides = sides[border][::stride]
-    centres = [np.median(samples, axis=0)]
-    for _ in range(clusters - 1):
-        gap = np.min([np.sum((samples - c) ** 2, axis=1) for c in centres], axis=0)
-        centres.append(samples[int(np.argmax(gap))])
-    centre_array = np.array(centres, np.float32)
-    for _ in range(8):
-        labels = _nearest(samples, centre_array)
-        sums = np.stack([np.bincount(labels, samples[:, c], minlength=clusters) for c in range(3)], axis=1)
-        counts = np.bincount(labels, minlength=clusters)[:, None]
-        centre_array = np.where(counts > 0, sums / np.maximum(counts, 1), centre_array)
-    labels = _nearest(samples, centre_array)
-
-    side_totals = np.bincount(sample_sides, minlength=5)[1:].astype(np.float64)
-    kept = []
-    for k in range(clusters):
-        on_side = np.bincount(sample_sides[labels == k], minlength=5)[1:] / np.maximum(side_totals, 1)
-        share = (labels == k).mean()
-        if share >= 0.05 and ((on_side >= 0.15).sum() >= 2 or share >= 0.5):
-            kept.append(centre_array[k])
-    if not kept:
-        return np.full(sides.shape, np.inf, np.float32)
-    best = np.full(sides.shape, np.inf, np.float32)
-    for centre in kept:
-        best = np.minimum(best, ((features - centre) ** 2).sum(-1))
-    return np.sqrt(best)
-
-
-def _nearest(samples: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    return np.argmin(((samples[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-
-
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    top = float(np.percentile(values, 99.5))
-    if top <= 0:
-        return 0.0
-    hist, edges = np.histogram(np.minimum(values, top), bins=bins, range=(0.0, top))
-    hist = hist.astype(np.float64)
-    centres = (edges[:-1] + edges[1:]) * 0.5
-    weight_low = np.cumsum(hist)
-    weight_high = weight_low[-1] - weight_low
-    mean_low = np.cumsum(hist * centres) / np.maximum(weight_low, 1)
-    mean_high = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(centres[int(np.argmax(between))])
-
-
-def _check_share(mask: np.ndarray, why: str) -> None:
-    if mask.mean() < MIN_FOREGROUND_SHARE:
-        raise InvalidArgument("image", f"{_NO_FOREGROUND}: {why}")
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 def _fill_small_holes(mask: np.ndarray, max_hole: int) -> np.ndarray:
@@ -252,7 +87,7 @@ def _crop_square(rgb: np.ndarray, score: np.ndarray, foreground_ratio: float) ->
     inside = score >= 128
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if rows.size == 0:
-        raise InvalidArgument("image", f"{_NO_FOREGROUND}: the mask is empty")
+        raise InvalidArgument("image", f"{NO_FOREGROUND}: the mask is empty")
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     side = max(bottom - top, right - left) / foreground_ratio
     centre_y, centre_x = (top + bottom) / 2.0, (left + right) / 2.0
@@ -279,7 +114,7 @@ def _crop_square(rgb: np.ndarray, score: np.ndarray, foreground_ratio: float) ->
     )
     canvas = np.zeros((out_side, out_side, 4), np.uint8)
     canvas[oy0:oy1, ox0:ox1] = np.asarray(patch)
-    mask = _largest_component(canvas[..., 3] >= 128)
+    mask = largest_component(canvas[..., 3] >= 128)
     rgb_out = canvas[..., :3].copy()
     rgb_out[~mask] = BACKGROUND_FILL
     return rgb_out, mask
@@ -290,7 +125,7 @@ def _grid_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
     grid = regularize_grid_mask(np.asarray(coverage) >= 128)
     if grid.sum() < MIN_GRID_CELLS:
         raise InvalidArgument(
-            "image", f"{_NO_FOREGROUND}: the object is too thin to build a solid at resolution {resolution}"
+            "image", f"{NO_FOREGROUND}: the object is too thin to build a solid at resolution {resolution}"
         )
     return grid
 
@@ -312,7 +147,7 @@ def regularize_grid_mask(mask: np.ndarray, max_rounds: int = 64) -> np.ndarray:
         cells = cells | fill
     else:  # pragma: no cover - the fill only grows, so it settles long before this.
         raise RuntimeError("grid mask regularisation did not settle")
-    return _largest_component(cells) if cells.any() else cells
+    return largest_component(cells) if cells.any() else cells
 
 
 def _violations(cells: np.ndarray) -> np.ndarray:

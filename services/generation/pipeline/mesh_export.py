@@ -12,6 +12,10 @@ vertices used by both are split (same position, two texture coordinates).
 Formats that carry no texture coordinates (STL, PLY) and the statistics
 use the merged mesh, which is the watertight one.
 
+A learned mesh ("atlas" shape, see records.py) arrives final: texture_synthesis
+decimated it before unwrapping its UV atlas, so it is written as it is, with
+the UVs and vertex colours it carries.
+
 Model units: mesh_export centres the bounding box on the origin and scales
 uniformly so that the longest extent is 1 (see records.py).
 """
@@ -71,10 +75,16 @@ def export_mesh(
     for name in formats:
         if name not in FORMATS:
             raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {name!r}")
-    vertices, faces, closed = decimate_closed(
-        textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count
-    )
-    mesh = _map_and_normalise(vertices, faces, textured)
+    if textured.shape.texture_mapping == "atlas":
+        vertices = textured.shape.vertices.astype(np.float64)
+        faces = textured.shape.faces.astype(np.int64)
+        closed = _is_closed_piece(vertices, faces)
+        mesh = _normalise_final(vertices, faces, textured)
+    else:
+        vertices, faces, closed = decimate_closed(
+            textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count
+        )
+        mesh = _map_and_normalise(vertices, faces, textured)
     png = _encode_png(textured.texture) if textured.texture is not None and ({"glb", "obj"} & set(formats)) else None
 
     writers = {
@@ -195,9 +205,7 @@ def _map_and_normalise(vertices: np.ndarray, faces: np.ndarray, textured: Textur
     split_colors = sample_atlas(atlas, split_uv)
     colors = split_colors[: len(vertices)]  # the front colour wherever a vertex has one
 
-    low, high = vertices.min(0), vertices.max(0)
-    scale = 1.0 / max(float((high - low).max()), 1e-12)
-    normalised = ((vertices - (low + high) * 0.5) * scale).astype(np.float32)
+    normalised = _normalise(vertices)
     return _Mesh(
         vertices=normalised,
         faces=faces,
@@ -208,6 +216,34 @@ def _map_and_normalise(vertices: np.ndarray, faces: np.ndarray, textured: Textur
         split_uv=split_uv,
         split_colors=split_colors,
     )
+
+
+def _normalise_final(vertices: np.ndarray, faces: np.ndarray, textured: TexturedShape) -> _Mesh:
+    """A final mesh with its own colours and, when textured, its own UV layout."""
+    normalised = _normalise(vertices)
+    layout = textured.uv_layout
+    if layout is None:
+        # No texture: the split copy is the mesh itself (only the textured writers read it).
+        split_source = np.arange(len(vertices), dtype=np.int64)
+        split_faces, split_uv = faces, np.zeros((len(vertices), 2), np.float32)
+    else:
+        split_source, split_faces, split_uv = layout.split_source, layout.split_faces, layout.split_uv
+    return _Mesh(
+        vertices=normalised,
+        faces=faces,
+        normals=vertex_normals(normalised, faces),
+        colors=textured.vertex_colors,
+        split_source=split_source,
+        split_faces=split_faces,
+        split_uv=split_uv,
+        split_colors=textured.vertex_colors[split_source],
+    )
+
+
+def _normalise(vertices: np.ndarray) -> np.ndarray:
+    low, high = vertices.min(0), vertices.max(0)
+    scale = 1.0 / max(float((high - low).max()), 1e-12)
+    return ((vertices - (low + high) * 0.5) * scale).astype(np.float32)
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

@@ -3,32 +3,98 @@
 The ranges here are the ones documented in protos/orfeas/generation/v1/
 generation.proto; `validate` is the single check every door (gRPC, REST
 through gRPC, the in-process pipeline) goes through.
+
+`resolution`, `steps` and `guidance_scale` mean different things per
+backend, so their ranges and defaults are per backend (BACKEND_PARAMETERS):
+for `inflate` the reconstruction grid and the solver's iteration cap, for
+`hunyuan3d` the octree resolution of the decoded volume, the denoising steps
+and the classifier-free guidance scale. `inflate` has no guidance: its
+guidance_scale is always 0.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from services.common.errors import InvalidArgument
 
 FORMATS: tuple[str, ...] = ("glb", "obj", "stl", "ply")
 BACKGROUND_MODES: tuple[str, ...] = ("auto", "on", "off")
-BACKENDS: tuple[str, ...] = ("inflate",)
+DEFAULT_BACKEND = "inflate"
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_SEED = 2**63 - 1
 
-# field -> (min, max), inclusive.
+
+@dataclass(frozen=True)
+class ParameterRange:
+    """One backend-specific parameter: inclusive range and default."""
+
+    name: str
+    minimum: float
+    maximum: float
+    default: float
+    meaning: str
+
+
+@dataclass(frozen=True)
+class BackendParameters:
+    name: str
+    description: str
+    resolution: ParameterRange
+    steps: ParameterRange
+    guidance_scale: ParameterRange | None  # None: the backend has no guidance (always 0)
+
+    def ranges(self) -> tuple[ParameterRange, ...]:
+        return tuple(r for r in (self.resolution, self.steps, self.guidance_scale) if r is not None)
+
+
+BACKEND_PARAMETERS: dict[str, BackendParameters] = {
+    "inflate": BackendParameters(
+        name="inflate",
+        description="a silhouette blown up into a smooth closed solid (Poisson solve); no weights",
+        resolution=ParameterRange("resolution", 64, 1024, 256, "reconstruction grid, cells a side"),
+        steps=ParameterRange("steps", 1, 500, 50, "solver iterations (cap)"),
+        guidance_scale=None,
+    ),
+    "hunyuan3d": BackendParameters(
+        name="hunyuan3d",
+        description="Tencent Hunyuan3D-2 shape model (hy3dgen), weights from HUNYUAN3D_MODEL_PATH",
+        resolution=ParameterRange("resolution", 64, 512, 256, "octree resolution of the decoded volume"),
+        steps=ParameterRange("steps", 1, 100, 30, "denoising steps"),
+        guidance_scale=ParameterRange("guidance_scale", 0.0, 20.0, 5.0, "classifier-free guidance scale"),
+    ),
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKEND_PARAMETERS)
+
+
+def register_backend_parameters(parameters: BackendParameters) -> None:
+    """A backend from a plugin module (GENERATION_BACKEND_PLUGINS) declares its ranges here."""
+    if parameters.name in BACKEND_PARAMETERS:
+        raise ValueError(f"backend {parameters.name!r} is already registered")
+    BACKEND_PARAMETERS[parameters.name] = parameters
+
+# field -> (min, max), inclusive, for the parameters every backend shares.
 RANGES: dict[str, tuple[float, float]] = {
     "seed": (0, MAX_SEED),
-    "resolution": (64, 1024),
-    "steps": (1, 500),
     "face_count": (1_000, 500_000),
     "texture_size": (256, 4096),
     "foreground_ratio": (0.5, 1.0),
 }
+# The widest range any backend accepts (what a schema can say without knowing the backend).
+WIDEST_RANGES: dict[str, tuple[float, float]] = {
+    name: (
+        min(getattr(b, name).minimum for b in BACKEND_PARAMETERS.values() if getattr(b, name) is not None),
+        max(getattr(b, name).maximum for b in BACKEND_PARAMETERS.values() if getattr(b, name) is not None),
+    )
+    for name in ("resolution", "steps", "guidance_scale")
+}
+FLOAT_PARAMETERS = ("foreground_ratio", "guidance_scale")
 
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -44,25 +110,51 @@ class GenerationParams:
     remove_background: str = "auto"
     foreground_ratio: float = 0.85
     format: str = "glb"
-    backend: str = "inflate"
+    backend: str = DEFAULT_BACKEND
+    guidance_scale: float = 0.0
 
-    def batch_key(self) -> tuple[str, int, int]:
-        """Jobs with the same key can share one batched shape_generation call."""
-        return (self.backend, self.resolution, self.steps)
+    def batch_key(self) -> tuple[str, int, int, float]:
+        """Jobs with the same key can share one batched shape_generation call (never across backends)."""
+        return (self.backend, self.resolution, self.steps, self.guidance_scale)
 
     def to_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def backend_defaults(backend: str) -> GenerationParams:
+    """GenerationParams with the backend's own defaults for resolution, steps and guidance_scale."""
+    spec = BACKEND_PARAMETERS.get(backend)
+    if spec is None:
+        return GenerationParams(backend=backend)
+    return GenerationParams(
+        backend=backend,
+        resolution=int(spec.resolution.default),
+        steps=int(spec.steps.default),
+        guidance_scale=float(spec.guidance_scale.default) if spec.guidance_scale else 0.0,
+    )
+
+
 def validate(params: GenerationParams) -> GenerationParams:
-    """Raise InvalidArgument naming the first field out of range; return params."""
-    for name, (low, high) in RANGES.items():
+    """Raise InvalidArgument naming the first field out of range; return params (guidance_scale
+    set to 0 for a backend without guidance)."""
+    if params.backend not in BACKEND_PARAMETERS:
+        raise InvalidArgument("backend", f"must be one of {', '.join(backend_names())}, got {params.backend!r}")
+    spec = BACKEND_PARAMETERS[params.backend]
+    checks: list[tuple[str, float, float]] = [(name, low, high) for name, (low, high) in RANGES.items()]
+    checks += [(r.name, r.minimum, r.maximum) for r in (spec.resolution, spec.steps)]
+    # The guidance range is checked for every backend, so a nonsense value is refused whatever the backend.
+    guidance = spec.guidance_scale
+    checks.append(("guidance_scale", *(
+        (guidance.minimum, guidance.maximum) if guidance else WIDEST_RANGES["guidance_scale"]
+    )))
+    for name, low, high in checks:
         value = getattr(params, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgument(name, f"must be a number, got {value!r}")
         if value != value or not low <= value <= high:  # value != value: NaN
-            raise InvalidArgument(name, f"must be between {_fmt(low)} and {_fmt(high)}, got {_fmt(value)}")
-        if name != "foreground_ratio" and int(value) != value:
+            where = f" for the {params.backend} backend" if name in ("resolution", "steps", "guidance_scale") else ""
+            raise InvalidArgument(name, f"must be between {_fmt(low)} and {_fmt(high)}{where}, got {_fmt(value)}")
+        if name not in FLOAT_PARAMETERS and int(value) != value:
             raise InvalidArgument(name, f"must be a whole number, got {value!r}")
     if params.format not in FORMATS:
         raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {params.format!r}")
@@ -70,10 +162,10 @@ def validate(params: GenerationParams) -> GenerationParams:
         raise InvalidArgument(
             "remove_background", f"must be one of {', '.join(BACKGROUND_MODES)}, got {params.remove_background!r}"
         )
-    if params.backend not in BACKENDS:
-        raise InvalidArgument("backend", f"must be one of {', '.join(BACKENDS)}, got {params.backend!r}")
     if not isinstance(params.texture, bool):
         raise InvalidArgument("texture", f"must be true or false, got {params.texture!r}")
+    if guidance is None and params.guidance_scale != 0.0:
+        params = replace(params, guidance_scale=0.0)
     return params
 
 

@@ -18,13 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # The five stages, in the order they run; every stage-keyed table uses these names.
-STAGES: tuple[str, ...] = (
-    "image_loading",
-    "image_preprocessing",
-    "shape_generation",
-    "texture_synthesis",
-    "mesh_export",
-)
+# They belong to the contract (generation.proto's Stage enum), read in services.common.
+from services.common.stages import STAGES  # noqa: F401 - re-exported for the pipeline
 
 
 @dataclass
@@ -45,6 +40,15 @@ class PreparedImage:
     mask: np.ndarray  # (S, S) bool foreground in the crop
     grid_mask: np.ndarray  # (R, R) bool foreground at the reconstruction resolution R
     mask_source: str  # "alpha", "segmentation" or "full"
+    source_mask: np.ndarray  # (H, W) bool: the mask chosen, at LoadedImage.rgba's size (the cut-out a user sees)
+
+
+# How texture_synthesis colours a shape (Shape.texture_mapping).
+# "two_sided": a relief whose front (z >= 0) and back are each the picture projected along z; the atlas
+#   is the picture twice, mesh_export decimates and maps faces to a half by the side they lie on (inflate).
+# "atlas": any closed surface (a learned model's): texture_synthesis decimates to `face_budget`, unwraps a
+#   UV atlas (xatlas) and bakes the picture into it; mesh_export writes those UVs without decimating again.
+TEXTURE_MAPPINGS: tuple[str, ...] = ("two_sided", "atlas")
 
 
 @dataclass
@@ -53,6 +57,17 @@ class Shape:
 
     vertices: np.ndarray  # (N, 3) float32, in the shared frame
     faces: np.ndarray  # (M, 3) int64
+    texture_mapping: str = "two_sided"  # one of TEXTURE_MAPPINGS
+    face_budget: int = 0  # "atlas" only: the job's face_count, reached before unwrapping
+
+
+@dataclass
+class UVLayout:
+    """A texture atlas's mapping of a final (already decimated) mesh: vertices split along the seams."""
+
+    split_source: np.ndarray  # (N', ) int64: the Shape vertex each split vertex copies
+    split_faces: np.ndarray  # (M, 3) int64 into the split vertices, face for face with Shape.faces
+    split_uv: np.ndarray  # (N', 2) float32, glTF convention (origin top-left, v down)
 
 
 @dataclass
@@ -63,6 +78,9 @@ class TexturedShape:
     texture: np.ndarray | None  # (T, T, 3) uint8 atlas, None when texture is off
     vertex_colors: np.ndarray  # (N, 4) uint8, always set (PLY uses them)
     extras: dict[str, object] = field(default_factory=dict)  # stage-private mapping data
+    # Set for "atlas" shapes: the mesh is final (mesh_export does not decimate it) and, when the
+    # texture is on, this is where each face corner samples it.
+    uv_layout: UVLayout | None = None
 
 
 @dataclass

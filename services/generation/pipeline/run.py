@@ -6,7 +6,9 @@ import time
 
 import torch
 
-from services.generation.backends.registry import get_backend
+from services.common.errors import ServiceError
+from services.generation.backends.base import BatchTimings, ShapeItem, ShapeSettings
+from services.generation.backends.registry import BackendSet
 from services.generation.pipeline.image_loading import load_image
 from services.generation.pipeline.image_preprocessing import prepare_image
 from services.generation.pipeline.mesh_export import export_mesh
@@ -20,12 +22,21 @@ def default_device() -> torch.device:
 
 
 def run_pipeline(
-    data: bytes, params: GenerationParams, device: torch.device | None = None
+    data: bytes,
+    params: GenerationParams,
+    device: torch.device | None = None,
+    backends: BackendSet | None = None,
+    substages: dict[str, float] | None = None,
 ) -> tuple[ExportedMesh, dict[str, float]]:
-    """Run the five stages; returns the export (every format) and each stage's seconds."""
-    validate(params)
-    device = device or default_device()
-    backend = get_backend(params.backend)
+    """Run the five stages; returns the export (every format) and each stage's seconds.
+
+    backends: the loaded backends to use (hunyuan3d needs them); by default inflate only.
+    substages: filled, when given, with the backend's own parts of shape_generation in seconds
+    ({"denoising": ..., "volume_decoding": ..., "surface_extraction": ...} for hunyuan3d).
+    """
+    params = validate(params)
+    device = device or (backends.device if backends is not None else default_device())
+    backend = (backends or BackendSet(device)).get(params.backend, device)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -42,8 +53,18 @@ def run_pipeline(
     timings["image_preprocessing"] = _lap(start)
 
     start = time.perf_counter()
-    (shape,) = backend.generate([prepared.grid_mask], steps=params.steps, device=device)
+    measured = BatchTimings()
+    (shape,) = backend.generate_batch(
+        [ShapeItem(prepared, params.seed, params.face_count)],
+        ShapeSettings(params.resolution, params.steps, params.guidance_scale),
+        device=device,
+        timings=measured,
+    )
     timings["shape_generation"] = _lap(start)
+    if isinstance(shape, ServiceError):
+        raise shape
+    if substages is not None:
+        substages.update(measured.substages)
 
     start = time.perf_counter()
     textured = synthesize_texture(

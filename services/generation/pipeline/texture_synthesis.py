@@ -18,6 +18,10 @@ Vertex colours are always filled, sampled from the same atlas (built small
 when the texture itself is off). The atlas and its layout go into
 TexturedShape.extras so mesh_export can map the decimated mesh the same way.
 No randomness is involved: `seed` does not change the output.
+
+That layout suits reliefs ("two_sided" shapes: inflate). A learned model's
+shape ("atlas", see records.py) gets a UV atlas of its own, decimated first
+and baked from the picture: pipeline/uv_atlas.py.
 """
 from __future__ import annotations
 
@@ -36,11 +40,18 @@ BACK_BRIGHTNESS = 0.82
 BACK_BLUR_SHARE = 1 / 96
 
 EXTRAS_ATLAS = "colour_atlas"
+# How far (RGB distance) a rim pixel's colour may be from the object's colour just inside it.
+RIM_COLOUR_TOLERANCE = 40.0
 
 
 def synthesize_texture(
     shape: Shape, image: PreparedImage, *, texture: bool, texture_size: int, seed: int
 ) -> TexturedShape:
+    if shape.texture_mapping == "atlas":
+        # Imported here: uv_atlas uses mesh_export, which uses this module.
+        from services.generation.pipeline.uv_atlas import synthesize_atlas_texture
+
+        return synthesize_atlas_texture(shape, image, texture=texture, texture_size=texture_size)
     size = texture_size if texture else VERTEX_COLOUR_ATLAS_SIZE
     atlas = build_atlas(image.rgb, image.mask, size)
     vertex_colors = sample_atlas(atlas, atlas_uv(shape.vertices[:, :2], shape.vertices[:, 2] < 0, size))
@@ -56,7 +67,7 @@ def build_atlas(rgb: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     """(size, size, 3) uint8: front half left, back half right."""
     half = size // 2
     gutter = _gutter(size)
-    trusted = _trusted_region(mask)
+    trusted = _trusted_region(mask, rgb)
     filled = push_pull_fill(rgb.astype(np.float32), trusted)
     inner = (half - 2 * gutter, size - 2 * gutter)
     front = np.asarray(
@@ -138,11 +149,30 @@ def _double(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(values, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]]
 
 
-def _trusted_region(mask: np.ndarray) -> np.ndarray:
-    """The mask less a thin band at its edge, where pixels mix object and background colour."""
+def _trusted_region(mask: np.ndarray, rgb: np.ndarray | None = None) -> np.ndarray:
+    """The mask less a thin band at its edge, where pixels mix object and background colour.
+
+    A soft edge (motion blur, defocus, a cut-out that keeps part of the blend)
+    is wider than that band; given the picture, a pixel in the next band
+    inwards is trusted only when its colour is close to the nearest pixel
+    deeper inside, so a half-background rim is dropped and filled from the
+    object instead.
+    """
     band = max(2, round(mask.shape[0] / 100))
     trusted = ndimage.binary_erosion(mask, iterations=band, border_value=0)
-    return trusted if trusted.any() else mask
+    if not trusted.any():
+        return mask
+    if rgb is None:
+        return trusted
+    core = ndimage.binary_erosion(trusted, iterations=2 * band, border_value=0)
+    if not core.any():
+        return trusted
+    rim = trusted & ~core
+    _, (rows, cols) = ndimage.distance_transform_edt(~core, return_indices=True)
+    inner = rgb[rows[rim], cols[rim]].astype(np.int32)
+    difference = np.sqrt(((rgb[rim].astype(np.int32) - inner) ** 2).sum(axis=1))
+    trusted[rim] = difference <= RIM_COLOUR_TOLERANCE
+    return trusted
 
 
 def _back_side(front: np.ndarray, size: int) -> np.ndarray:
