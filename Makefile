@@ -19,7 +19,7 @@ export DATA_DIR ?= $(CURDIR)/data
 EXTRA_INSTALL :=
 -include $(sort $(wildcard make/*.mk))
 
-.PHONY: install run test protos clean
+.PHONY: install run test protos openapi clean
 
 install: $(INSTALLED) $(PB) $(EXTRA_INSTALL)
 
@@ -42,6 +42,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# docs/openapi.json: the REST contract as the gateway serves it; a test fails when the two differ.
+openapi: $(PB)
+	$(BIN)/python -m gateway.openapi
 
 clean:
 	rm -rf pb $(VENV) .pytest_cache

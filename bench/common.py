@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import math
 import os
+import re
 import platform
 import statistics
 import tempfile
@@ -298,3 +299,21 @@ def fmt_s(seconds: float) -> str:
 
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def machine_line() -> str:
+    """One line about the machine, for a benchmark section run on its own."""
+    m = machine()
+    return (f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, Python {m['python']}; "
+            f"{m['date']}; load average at the start {m['load_average'][0]}")
+
+
+def write_section(markdown_path: Path, title: str, section: str) -> None:
+    """Replace one benchmark's section of RESULTS.md (or append it), leaving every other section alone."""
+    text = markdown_path.read_text() if markdown_path.exists() else ""
+    pattern = re.compile(re.escape(title) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    markdown_path.write_text(text)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import re
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BENCH_DIR, PHOTO, ROOT, fmt_s, machine
+from bench.common import BENCH_DIR, PHOTO, ROOT, fmt_s, machine_line, write_section
 from bench.cutout_set import CutoutCase, cases, iou
 from services.common.errors import InvalidArgument
 from services.generation.pipeline import image_preprocessing
@@ -230,23 +229,6 @@ def markdown(result: dict[str, Any], command: str | None = None, machine_line: s
     return lines
 
 
-def write_section(markdown_path: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it), leaving every other section alone."""
-    text = markdown_path.read_text() if markdown_path.exists() else ""
-    pattern = re.compile(re.escape(SECTION_TITLE) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    markdown_path.write_text(text)
-
-
-def machine_line() -> str:
-    m = machine()
-    return (f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, Python {m['python']}; "
-            f"{m['date']}; load average at the start {m['load_average'][0]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.cutout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     section = "\n".join(markdown(result, command, line))
     print(section)
     if not args.no_write:
-        write_section(args.markdown, section)
+        write_section(args.markdown, SECTION_TITLE, section)
         print(f"written: {args.markdown}", file=sys.stderr)
     return 0
 

@@ -17,6 +17,20 @@
 # and the out-of-memory batches. Its Python runs on the CPU too:
 # `.venv/bin/python -m bench.hunyuan3d --tiny --serve`.
 #
+# Without real weights the hunyuan3d suite then runs the variants side by side
+# at octree resolution 256 (bench/hunyuan3d_variants.py), each at the
+# published size with random weights and its own default steps: standard (30,
+# dense decoding), Turbo (5, dense), Turbo with FlashVDM and the lighter
+# turbo VAE, and mini-Turbo with FlashVDM. Targets (issue 17): Turbo with
+# FlashVDM ≤ 1.5 s per object alone and ≤ 0.75 s per object in a batch,
+# mini-Turbo ≤ 0.5 s alone; also the dense / lightning decoding ratio.
+#
+# Device scaling (the `devices` suite): the same burst against one worker on
+# cuda:0 and against one worker per CUDA device torch sees
+# (GENERATION_DEVICES=cuda:0,...,cuda:N-1); the target is ≥ 0.9 × N × the
+# one-device throughput. With a single GPU it runs two workers on cuda:0
+# instead, which shows their overhead and fairness, not a speed-up.
+#
 # Bounded: the suites stop starting after BENCH_BUDGET_S (default 420 s) and
 # the whole call after BENCH_TIMEOUT_S (default 570 s), so a 10-minute device
 # call always returns. Full results: bench/RESULTS-gpu.md, bench/results-gpu.json.
@@ -50,7 +64,7 @@ fi
 
 exec timeout --signal=INT "${BENCH_TIMEOUT_S:-570}" "$PY" -m bench.run \
     --device cuda \
-    --suites "${BENCH_SUITES:-hunyuan3d,latency,batching,resolution,leak}" \
+    --suites "${BENCH_SUITES:-hunyuan3d,latency,batching,devices,resolution,leak}" \
     --hunyuan-model "${HUNYUAN3D_MODEL_PATH:-published}" --hunyuan-serve \
     --budget-s "${BENCH_BUDGET_S:-420}" \
     --leak-jobs "${LEAK_JOBS:-300}" --leak-timeout 90 \

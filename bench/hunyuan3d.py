@@ -14,6 +14,10 @@ config.yaml and model.fp16.safetensors. Random-weight folders are written into a
 Batching ratio: the same B pictures through shape_generation one call each, against one call with all
 B; ratio = (time of the B single calls) / (time of the batched call), so > 1 means the batch is faster
 per object. Both are in-process, on the loaded pipeline, after a warm-up.
+
+With a random-weight model ("tiny", "published") the suite also runs the variants side by side
+(bench/hunyuan3d_variants.py): standard, Turbo, Turbo with FlashVDM and, at the published size,
+mini-Turbo with FlashVDM, at octree resolution 256 on CUDA (128 on the CPU); --no-variants skips them.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Any
 import httpx
 import torch
 
+from bench import hunyuan3d_variants
 from bench.common import STAGES, fmt_bytes, fmt_s, generate_via_gateway, median, metric_sum, own_stack, photo_png
 from services.common.config import HunyuanConfig
 from services.generation.backends.base import BatchTimings, ShapeItem, ShapeSettings
@@ -56,6 +61,8 @@ def run(
     mixed_resolutions: tuple[int, ...] = (64, 96),
     serve_jobs: int = 8,
     face_count: int = 1000,
+    variants: bool = True,
+    variant_resolution: int | None = None,
 ) -> dict[str, Any]:
     device = torch.device(device_name)
     with tempfile.TemporaryDirectory(prefix="orfeas-hunyuan3d-") as tmp:
@@ -69,6 +76,12 @@ def run(
         results.update(_in_process(folder, device, resolution, steps, batch, repeats, face_count))
         if serve:
             results["service"] = _served(folder, mixed_resolutions, steps, serve_jobs, face_count)
+        if variants and model in hunyuan3d_variants.VARIANTS:
+            results["variants"] = hunyuan3d_variants.run(
+                model, device, Path(tmp) / "variants",
+                variant_resolution or (256 if device.type == "cuda" else 128),
+                batch=batch, repeats=min(repeats, 2), face_count=face_count, standard_folder=folder,
+            )
     return results
 
 
@@ -285,6 +298,8 @@ def summary_rows(h: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{fmt_bytes(served['device_memory_peak_bytes'])} ({share:.0%}); {served['out_of_memory_batches']:.0f}",
             f"≤ {PEAK_SHARE_TARGET:.0%}; 0", met(share <= PEAK_SHARE_TARGET and served["out_of_memory_batches"] == 0),
         ))
+    if h.get("variants"):
+        rows += hunyuan3d_variants.summary_rows(h["variants"])
     return rows
 
 
@@ -330,6 +345,8 @@ def markdown(h: dict[str, Any]) -> list[str]:
              + (f"; errors {served['errors']}" if served["errors"] else "") + "."),
             "",
         ]
+    if h.get("variants"):
+        lines += hunyuan3d_variants.markdown(h["variants"])
     return lines
 
 
@@ -346,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="also run the service with mixed resolutions")
     parser.add_argument("--mixed", default=None, help="resolutions for --serve (default: 128,256,384 on CUDA)")
     parser.add_argument("--serve-jobs", type=int, default=None)
+    parser.add_argument("--no-variants", action="store_true", help="skip the variants side by side")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -361,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         serve=args.serve,
         mixed_resolutions=tuple(int(r) for r in (args.mixed or ("128,256,384" if gpu else "64,96")).split(",")),
         serve_jobs=args.serve_jobs or (12 if gpu else 6),
+        variants=not args.no_variants,
     )
     from bench.report import table
 

@@ -51,6 +51,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
              f"{fmt_bytes(dynamic['peak_rss_bytes'])}; {fmt_bytes(dynamic['peak_above_start_bytes'])} / {fmt_bytes(dynamic['budget_bytes'])}",
              "≤ budget", _met(dynamic["peak_above_start_bytes"] <= dynamic["budget_bytes"])),
         ]
+    if results.get("devices"):
+        from bench import devices
+
+        rows += devices.summary_rows(results["devices"])
     res = results.get("resolution")
     if res:
         for row in res["rows"]:
@@ -66,6 +70,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         from bench import cutout
 
         rows += cutout.summary_rows(results["cutout"])
+    if results.get("exporters"):
+        from bench import exporters
+
+        rows += exporters.summary_rows(results["exporters"])
     leak = results.get("leak")
     if leak:
         growth = leak["growth_bytes"].get("generation", 0)
@@ -106,6 +114,10 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     parts += _latency(results.get("latency"))
     parts += _batching(results.get("batching"))
+    if results.get("devices"):
+        from bench import devices
+
+        parts += devices.markdown(results["devices"])
     parts += _resolution(results.get("resolution"))
     parts += _leak(results.get("leak"))
     if results.get("hunyuan3d"):
@@ -116,6 +128,10 @@ def markdown(results: dict[str, Any]) -> str:
         from bench import cutout
 
         parts += cutout.markdown(results["cutout"])
+    if results.get("exporters"):
+        from bench import exporters
+
+        parts += exporters.markdown(results["exporters"])
     parts += [_notes(results)]
     return "\n".join(parts) + "\n"
 

@@ -25,7 +25,7 @@ import psutil
 from bench import report
 from bench.common import BENCH_DIR, machine
 
-SUITES = ("latency", "batching", "resolution", "leak", "hunyuan3d", "cutout")
+SUITES = ("latency", "batching", "devices", "resolution", "leak", "hunyuan3d", "cutout", "exporters")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -35,6 +35,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=10, help="latency runs per side (issue 2: at least 10)")
     p.add_argument("--batch-jobs", type=int, default=32)
     p.add_argument("--no-serial", action="store_true", help="skip the serial-client reference in the batching suite")
+    p.add_argument("--device-jobs", type=int, default=32, help="devices suite: jobs per burst")
+    p.add_argument("--device-repeats", type=int, default=3, help="devices suite: bursts per side")
     p.add_argument("--resolution-runs", type=int, default=3)
     p.add_argument("--resolutions", default="128,256,512,1024")
     p.add_argument("--leak-jobs", type=int, default=1000)
@@ -52,6 +54,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.batch_jobs, args.leak_jobs, args.resolution_runs = 3, 8, 100, 1
+        args.device_jobs, args.device_repeats = 8, 1
         args.resolutions = "128,256,512"
     return args
 
@@ -129,6 +132,10 @@ def _run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench import batching
 
         return batching.run(args.batch_jobs, serial=not args.no_serial)
+    if suite == "devices":
+        from bench import devices
+
+        return devices.run(args.device_jobs, args.device_repeats)
     if suite == "resolution":
         from bench import resolution
 
@@ -138,6 +145,10 @@ def _run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench import cutout
 
         return cutout.run(repeats=2 if args.quick else 5)
+    if suite == "exporters":
+        from bench import exporters
+
+        return exporters.run(repeats=3 if args.quick else 7)
     if suite == "hunyuan3d":
         from bench import hunyuan3d
 

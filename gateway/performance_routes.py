@@ -1,10 +1,13 @@
 """REST views of the telemetry service. The paths and field names are the ones
 operators already script against; do not rename them.
 
-    GET /api/performance/summary?backend=&window=all|recent
+    GET /api/performance/summary?backend=&window=all|recent&worker_id=
     GET /api/performance/recommendations?backend=
     GET /api/gpu/status?worker_id=
     GET /api/optimizer/state?backend=&limit=
+
+The summary covers every worker together and breaks the same profiles down
+per worker (`workers`); /api/gpu/status lists every device of every worker.
 
 Durations are seconds, shares fractions from 0 to 1, memory MB (MiB).
 
@@ -16,12 +19,15 @@ unavailable: ..."}}; a bad query answers 400 with code INVALID_ARGUMENT.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
+from gateway import parameters as p
+from gateway.errors import ContractRoute, error_responses
+from gateway.models.performance import DeviceStatus, OptimizerState, PerformanceSummary, Recommendations
 from pb.orfeas.telemetry.v1 import telemetry_pb2 as tpb
 from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
 from services.common.config import SecurityConfig
@@ -46,7 +52,15 @@ _TREND = {
 }
 _WINDOWS = {"all": tpb.WINDOW_ALL, "recent": tpb.WINDOW_RECENT}
 
-router = APIRouter(tags=["performance"])
+router = APIRouter(tags=["performance"], route_class=ContractRoute)
+# The telemetry service is down or slow (503), or answered with another error (502).
+REPORT_ERRORS = error_responses(400, 401, 502, 503)
+
+# Query parameters, with the ranges the telemetry service checks (telemetry.proto).
+BackendQuery = Annotated[
+    str, Query(pattern=p.TELEMETRY_BACKEND_PATTERN, description="One backend; empty: all of them")
+]
+WorkerQuery = Annotated[str, Query(max_length=p.WORKER_ID_MAX_LENGTH, description="One worker; empty: all of them")]
 
 Reply = TypeVar("Reply")
 
@@ -155,16 +169,24 @@ def _device(st: tpb.DeviceState) -> dict[str, Any]:
     }
 
 
-@router.get("/api/performance/summary")
+@router.get(
+    "/api/performance/summary",
+    operation_id="performance_summary",
+    summary="Pipeline durations, per-stage breakdown and bottlenecks",
+    response_model=PerformanceSummary,
+    response_description="The summary",
+    responses=REPORT_ERRORS,
+)
 async def performance_summary(
-    backend: str = "", window: str = "all", stub: Stub = Depends(telemetry_stub)
+    backend: BackendQuery = "",
+    window: Annotated[Literal["all", "recent"], Query(description="recent: the last TELEMETRY_WINDOW_S")] = "all",
+    worker_id: WorkerQuery = "",
+    stub: Stub = Depends(telemetry_stub),
 ) -> Any:
-    if window not in _WINDOWS:
-        return _error(400, "INVALID_ARGUMENT", f"window: must be all or recent, got {window!r}")
     reply = await _call(
         stub,
         lambda s: s.GetPerformanceSummary,
-        tpb.GetPerformanceSummaryRequest(backend=backend, window=_WINDOWS[window]),
+        tpb.GetPerformanceSummaryRequest(backend=backend, window=_WINDOWS[window], worker_id=worker_id),
     )
     if isinstance(reply, JSONResponse):
         return reply
@@ -196,19 +218,49 @@ async def performance_summary(
             for b in reply.bottlenecks
         ],
         "backends": list(reply.backends),
+        "worker_id": reply.worker_id,
+        "workers": [
+            {
+                "worker_id": w.worker_id,
+                "device": w.device,
+                "total_pipelines": w.total_pipelines,
+                "succeeded_pipelines": w.succeeded_pipelines,
+                "failed_pipelines": w.failed_pipelines,
+                "avg_duration": w.avg_duration,
+                "p50_duration": w.p50_duration,
+                "p95_duration": w.p95_duration,
+                "avg_batch_size": w.avg_batch_size,
+                "share": w.share,
+            }
+            for w in reply.workers
+        ],
     }
 
 
-@router.get("/api/performance/recommendations")
-async def performance_recommendations(backend: str = "", stub: Stub = Depends(telemetry_stub)) -> Any:
+@router.get(
+    "/api/performance/recommendations",
+    operation_id="performance_recommendations",
+    summary="What to change, most severe first",
+    response_model=Recommendations,
+    response_description="The recommendations",
+    responses=REPORT_ERRORS,
+)
+async def performance_recommendations(backend: BackendQuery = "", stub: Stub = Depends(telemetry_stub)) -> Any:
     reply = await _call(stub, lambda s: s.GetRecommendations, tpb.GetRecommendationsRequest(backend=backend))
     if isinstance(reply, JSONResponse):
         return reply
     return {"recommendations": [_recommendation(r) for r in reply.recommendations]}
 
 
-@router.get("/api/gpu/status")
-async def gpu_status(worker_id: str = "", stub: Stub = Depends(telemetry_stub)) -> Any:
+@router.get(
+    "/api/gpu/status",
+    operation_id="gpu_status",
+    summary="Every device of every worker: memory, utilisation, trends",
+    response_model=DeviceStatus,
+    response_description="The devices",
+    responses=REPORT_ERRORS,
+)
+async def gpu_status(worker_id: WorkerQuery = "", stub: Stub = Depends(telemetry_stub)) -> Any:
     reply = await _call(stub, lambda s: s.GetDeviceStatus, tpb.GetDeviceStatusRequest(worker_id=worker_id))
     if isinstance(reply, JSONResponse):
         return reply
@@ -222,14 +274,23 @@ async def gpu_status(worker_id: str = "", stub: Stub = Depends(telemetry_stub)) 
     }
 
 
-@router.get("/api/optimizer/state")
-async def optimizer_state(backend: str = "", limit: str = "20", stub: Stub = Depends(telemetry_stub)) -> Any:
-    if not limit.isdigit():
-        return _error(400, "INVALID_ARGUMENT", f"limit: must be a whole number from 1 to 1000, got {limit!r}")
+@router.get(
+    "/api/optimizer/state",
+    operation_id="optimizer_state",
+    summary="The batch-size optimizer: memory costs per setting and its recent decisions",
+    response_model=OptimizerState,
+    response_description="The optimizer's state",
+    responses=REPORT_ERRORS,
+)
+async def optimizer_state(
+    backend: BackendQuery = "",
+    limit: Annotated[
+        int, Query(ge=p.DECISIONS_LIMIT.minimum, le=p.DECISIONS_LIMIT.maximum, description="Newest decisions to list")
+    ] = int(p.DECISIONS_LIMIT.default or 0),
+    stub: Stub = Depends(telemetry_stub),
+) -> Any:
     reply = await _call(
-        stub,
-        lambda s: s.GetOptimizerState,
-        tpb.GetOptimizerStateRequest(backend=backend, decisions_limit=min(int(limit), 2**31 - 1)),
+        stub, lambda s: s.GetOptimizerState, tpb.GetOptimizerStateRequest(backend=backend, decisions_limit=limit)
     )
     if isinstance(reply, JSONResponse):
         return reply

@@ -15,7 +15,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -60,22 +60,27 @@ class _NoCache:
         await self.app(scope, receive, send_with_header)
 
 
-def mount_studio(app: FastAPI) -> None:
-    index = STATIC_DIR / "index.html"
+router = APIRouter(include_in_schema=False)
+INDEX = STATIC_DIR / "index.html"
 
-    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    async def studio() -> HTMLResponse:
-        # Read per request so an edited page shows without a restart; it is a few KB.
-        html = index.read_text(encoding="utf-8")
-        if not VENDOR_MARKER.exists():
-            # Without three.js the page would load and then fail quietly; say why instead.
-            html = html.replace(
-                "<!--vendor-status-->",
-                '<p class="banner" role="alert">The 3D viewer is not installed: run <code>make install</code>.</p>',
-            )
-        return HTMLResponse(
-            html,
-            headers={"Content-Security-Policy": content_security_policy(html), "Cache-Control": "no-cache"},
+
+@router.get("/", response_class=HTMLResponse)
+async def studio() -> HTMLResponse:
+    # Read per request so an edited page shows without a restart; it is a few KB.
+    html = INDEX.read_text(encoding="utf-8")
+    if not VENDOR_MARKER.exists():
+        # Without three.js the page would load and then fail quietly; say why instead.
+        html = html.replace(
+            "<!--vendor-status-->",
+            '<p class="banner" role="alert">The 3D viewer is not installed: run <code>make install</code>.</p>',
         )
+    return HTMLResponse(
+        html,
+        headers={"Content-Security-Policy": content_security_policy(html), "Cache-Control": "no-cache"},
+    )
 
+
+def mount_studio(app: FastAPI) -> None:
+    """The page's route and its static files; last, since the files are served under a mount."""
+    app.include_router(router)
     app.mount("/static", _NoCache(StaticFiles(directory=STATIC_DIR)), name="static")

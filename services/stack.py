@@ -245,7 +245,7 @@ def _announce(stack: Stack, supervisor: Supervisor) -> None:
         f"  generation (gRPC)    {stack.generation_address}\n"
         f"  telemetry (gRPC)     {stack.telemetry_address}\n"
         f"  data                 {stack.data_dir}\n"
-        + (f"  NOT running (crashed in a loop): {', '.join(down)}\n" if down else "")
+        + (f"  NOT running (crashed in a loop, or a setting it cannot start with): {', '.join(down)}\n" if down else "")
         + "A part that dies is started again. Press Ctrl-C to stop.\n",
         flush=True,
     )

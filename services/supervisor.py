@@ -107,6 +107,10 @@ class Children(Protocol):
         """SIGTERM, then SIGKILL after timeout_s or as soon as urgent(); its exit code."""
 
 
+# A service exits with this code when its configuration is wrong (services/generation/devices.py, say).
+CONFIGURATION_ERROR = 2
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -186,6 +190,16 @@ class Supervisor:
     def _exited(self, part: Part, code: int, now: float) -> None:
         up_for = now - part.started_at
         how = describe_exit(code)
+        if code == CONFIGURATION_ERROR:
+            # Its settings are wrong (it said why in its log): starting it again cannot help.
+            part.state = State.GAVE_UP
+            log.error(
+                "%s cannot start with its configuration (%s); not restarting it. Its log says what is wrong; "
+                "the other parts keep running.", part.name, how,
+                extra={"event": "part_given_up", "part": part.name, "pid": part.pid, "exit": how,
+                       "exits_in_window": 1},
+            )
+            return
         if part.crashes.record(now):
             part.state = State.GAVE_UP
             log.error(

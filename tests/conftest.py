@@ -33,7 +33,8 @@ def new_stack(tmp: Path, name: str, **extra_env: str) -> Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = new_stack(tmp_path_factory.mktemp("stack"), "session")
+    # One session stack per pytest-xdist worker, each logging to its own folder.
+    s = new_stack(tmp_path_factory.mktemp("stack"), f"session-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
     s.start_all()
     yield s
     s.stop_all()

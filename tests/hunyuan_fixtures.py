@@ -13,7 +13,7 @@ import grpc
 
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from pb.orfeas.generation.v1 import generation_pb2_grpc
-from services.generation.backends.hunyuan3d_checkpoint import write_checkpoint
+from services.generation.backends.hunyuan3d_checkpoint import write_checkpoint, write_vae_checkpoint
 from services.stack import Stack
 from tests.conftest import new_stack
 
@@ -21,8 +21,23 @@ from tests.conftest import new_stack
 FAST = {"resolution": 64, "steps": 4, "face_count": 1000, "texture_size": 256}
 
 
+# The turbo folders' volume decoders answer with trained-like logits (hunyuan3d_checkpoint: logit_scale), so
+# FlashVDM refines a narrow band around the surface instead of the whole volume.
+TURBO_LOGIT_SCALE = 30.0
+
+
 def tiny_model(folder: Path, **options: Any) -> Path:
     return write_checkpoint(folder, "tiny", **options)
+
+
+def tiny_turbo_model(folder: Path, **options: Any) -> Path:
+    """A Hunyuan3D-2 Turbo folder: the consistency scheduler (100 PCM timesteps), guidance embedded."""
+    return write_checkpoint(folder, "tiny-turbo", **{"logit_scale": TURBO_LOGIT_SCALE, **options})
+
+
+def tiny_turbo_vae(folder: Path, **options: Any) -> Path:
+    """A separate VAE folder like hunyuan3d-vae-v2-0-turbo, for HUNYUAN3D_VAE_PATH."""
+    return write_vae_checkpoint(folder, "tiny-turbo", **{"logit_scale": TURBO_LOGIT_SCALE, **options})
 
 
 def hunyuan_stack(tmp: Path, name: str, model_path: Path | str, *, with_telemetry: bool = True, **env: str) -> Stack:

@@ -243,7 +243,12 @@ def test_the_artifact_disk_budget_removes_the_oldest_results_first(tmp_path):
     try:
         channel, stub = stub_for(stack)
         first = list(stub.Generate(pb.GenerateRequest(image=disk_png(), **SMALL), timeout=120))[-1]
-        one_job = sum(s.bytes for s in first.outcome.result.sizes)
+        # Everything a job keeps: its file, the source of its other formats, its picture and cut-out mask.
+        folder = stack.data_dir / "artifacts" / "results" / first.generation_id
+        deadline = time.monotonic() + 10
+        while not (folder / "input").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the picture moves beside the results just after the job's end
+        one_job = sum(p.stat().st_size for p in folder.iterdir())
         channel.close()
         # Room for two and a half jobs' files.
         stack.stop("generation")

@@ -45,7 +45,17 @@ def test_generate_streams_every_stage_then_the_outcome(generation_stub):
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
     stats = terminal.outcome.result
     assert stats.watertight and stats.vertices > 100 and stats.faces > 100
-    assert {s.format for s in stats.sizes} == {pb.MESH_FORMAT_GLB, pb.MESH_FORMAT_OBJ, pb.MESH_FORMAT_STL, pb.MESH_FORMAT_PLY}
+    # The job writes the format it asked for (GLB by default); the others are written on their first download.
+    assert {s.format for s in stats.sizes} == {pb.MESH_FORMAT_GLB}
+    job_id = terminal.generation_id
+    for fmt in (pb.MESH_FORMAT_OBJ, pb.MESH_FORMAT_STL, pb.MESH_FORMAT_PLY):
+        data, chunks = download(generation_stub, job_id, fmt)
+        assert chunks[0].sha256 == hashlib.sha256(data).hexdigest()
+        # Written once, then kept: the same bytes again, and the job now lists it.
+        assert download(generation_stub, job_id, fmt)[0] == data
+    after = generation_stub.GetGeneration(pb.GetGenerationRequest(id=job_id)).result
+    assert {s.format for s in after.sizes} == {pb.MESH_FORMAT_GLB, pb.MESH_FORMAT_OBJ, pb.MESH_FORMAT_STL,
+                                               pb.MESH_FORMAT_PLY}
 
 
 def test_submit_get_watch_download(generation_stub):

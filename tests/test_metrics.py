@@ -78,11 +78,12 @@ def local_text() -> str:
 # ------------------------------------------------------------- recording functions
 def test_recording_functions_reach_the_exposition() -> None:
     before = local_text()
-    metrics.record_stage("mesh_export", 0.2)
+    metrics.record_stage("mesh_export", 0.2, "cuda:3")
     metrics.record_queue_wait(0.05)
     metrics.set_queue_length(3)
     metrics.record_batch(4, 0.5, peak_bytes=123, device="cpu")
-    metrics.record_batch_decision("local-fallback", 4)
+    metrics.record_batch(2, 0.25, peak_bytes=0, device="cuda:3")
+    metrics.record_batch_decision("local-fallback", 4, "cuda:3")
     metrics.record_out_of_memory(8, "cpu")
     metrics.record_job_finished("failed", "RESOURCE_EXHAUSTED", 2.0)
     metrics.record_job_finished("cancelled", None, 1.0)
@@ -92,20 +93,31 @@ def test_recording_functions_reach_the_exposition() -> None:
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert grew("orfeas_stage_duration_seconds_count", stage="mesh_export") == 1
+    assert grew("orfeas_stage_duration_seconds_count", stage="mesh_export", device="cuda:3") == 1
+    assert grew("orfeas_stage_duration_seconds_count", stage="mesh_export", device="cpu") == 0
     assert grew("orfeas_queue_duration_seconds_count") == 1
     assert value(after, "orfeas_queue_length") == 3
-    assert grew("orfeas_batch_size_sum") == 4
-    assert grew("orfeas_compute_duration_seconds_count") == 1
+    # Batch sizes and compute time per device: each device's series holds its own batches only.
+    assert grew("orfeas_batch_size_sum", device="cpu") == 4
+    assert grew("orfeas_batch_size_sum", device="cuda:3") == 2
+    assert grew("orfeas_compute_duration_seconds_count", device="cpu") == 1
+    assert grew("orfeas_compute_duration_seconds_count", device="cuda:3") == 1
     assert value(after, "orfeas_batch_memory_peak_bytes", device="cpu") == 123
+    assert value(after, "orfeas_optimizer_batch_size", device="cuda:3") == 4
     assert grew("orfeas_optimizer_decisions_total", source="local-fallback") == 1
     assert grew("orfeas_batch_out_of_memory_total", device="cpu") == 1
     assert grew("orfeas_jobs_total", status="failed") == 1
     assert grew("orfeas_job_failures_total", reason="overloaded") == 1
     assert grew("orfeas_job_failures_total", reason="cancelled") == 1
     assert grew("orfeas_telemetry_reports_dropped_total") == 2
-    # Known label values exist before their first event, so rate() sees them.
-    assert ("orfeas_stage_duration_seconds_count", (("stage", "texture_synthesis"),)) in samples(after)
+    # Known label values exist before their first event, so rate() sees them: image_loading at
+    # admission (no device yet), and every stage of every device a service declares.
+    assert ("orfeas_stage_duration_seconds_count", (("device", ""), ("stage", "image_loading"))) in samples(after)
+    metrics.declare_devices(["cuda:5"])
+    declared = samples(local_text())
+    for stage in metrics.STAGES:
+        assert ("orfeas_stage_duration_seconds_count", (("device", "cuda:5"), ("stage", stage))) in declared
+    assert ("orfeas_batch_size_count", (("device", "cuda:5"),)) in declared
 
 
 def test_scrape_time_sources_are_read_at_each_scrape() -> None:

@@ -154,7 +154,11 @@ def test_the_viewer_draws_the_model(desktop: Page, generated: dict[str, Any]) ->
     assert turned != front
 
 
-def test_a_download_reloads_as_a_mesh(desktop: Page, generated: dict[str, Any], tmp_path: Path) -> None:
+def test_a_download_reloads_as_a_mesh(
+    desktop: Page, generated: dict[str, Any], api: httpx.Client, tmp_path: Path
+) -> None:
+    # The job wrote its own format (GLB); STL is written on its first download, then kept.
+    assert set(generated["result"]["bytes"]) == {"glb"}
     for fmt in ("glb", "stl"):
         link = desktop.locator(f'#downloads a[data-format="{fmt}"]')
         expect(link).to_be_visible()
@@ -162,7 +166,8 @@ def test_a_download_reloads_as_a_mesh(desktop: Page, generated: dict[str, Any], 
             link.click()
         path = tmp_path / info.value.suggested_filename
         info.value.save_as(path)
-        assert path.stat().st_size == generated["result"]["bytes"][fmt]
+        sizes = api.get(f"/api/v1/generations/{generated['id']}").json()["result"]["bytes"]
+        assert path.stat().st_size == sizes[fmt]
         mesh = trimesh.load(io.BytesIO(path.read_bytes()), file_type=fmt, force="mesh")
         assert len(mesh.faces) == generated["result"]["faces"], fmt
         mesh.merge_vertices(merge_tex=True, merge_norm=True)
@@ -280,6 +285,10 @@ def _panel_matches(page: Page, summary: dict[str, Any], optimizer: dict[str, Any
         wrong.append(f"bottlenecks: page {shown}, API {len(summary['bottlenecks'])}")
     if optimizer["decisions"]:
         check("#perf-decisions tbody tr:first-child td:last-child", optimizer["decisions"][0]["reasoning"])
+    # A row per worker (issue 11): every worker the summary breaks the profiles down by.
+    shown_workers = set(page.locator("#perf-workers-table tbody tr td:first-child").all_inner_texts())
+    if not {w["worker_id"] for w in summary["workers"]} <= shown_workers:
+        wrong.append(f"workers: page {sorted(shown_workers)}, API {[w['worker_id'] for w in summary['workers']]}")
     return wrong
 
 

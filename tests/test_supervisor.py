@@ -155,7 +155,7 @@ def test_a_part_that_crashes_in_a_loop_is_given_up_on_alone(launch) -> None:
     assert all(e["exit"] == "exit code 1" for e in stack.events("part_exited", "telemetry"))
 
     # The rest serve; the banner names what is not running.
-    wait_for("the banner", lambda: stack._alive_and("NOT running (crashed in a loop): telemetry"), 120)
+    wait_for("the banner", lambda: stack._alive_and("NOT running (crashed in a loop, or a setting it cannot start with): telemetry"), 120)
     status, body = wait_for("/readyz degraded", lambda: (r := stack.readyz())[1].get("status") == "degraded" and r, 60)
     assert status == 200 and body["degraded"] == ["telemetry"]
     done = wait_finished(stack.url, submit(stack.url, seed=4))
@@ -163,6 +163,18 @@ def test_a_part_that_crashes_in_a_loop_is_given_up_on_alone(launch) -> None:
     assert set(stack.parts()) == {"generation", "gateway"}
     assert len(stack.events("part_started", "telemetry")) == 3, "a part given up on stays down"
     assert stack.events("part_exited", "generation") == stack.events("part_exited", "gateway") == []
+
+
+def test_a_part_with_a_setting_it_cannot_start_with_is_not_restarted(launch) -> None:
+    # No such device here: the generation service says so and exits 2; restarting cannot help.
+    stack = launch("bad-setting", GENERATION_DEVICES="cuda:7", SUPERVISOR_BACKOFF_INITIAL_S="0.1")
+    given_up = wait_for("the launcher to give up on generation", lambda: stack.events("part_given_up"), 120)
+    assert [e["part"] for e in given_up] == ["generation"] and given_up[0]["exit"] == "exit code 2"
+    assert "configuration" in given_up[0]["msg"]
+    time.sleep(1.0)
+    assert len(stack.events("part_started", "generation")) == 1
+    status, body = wait_for("/readyz", lambda: (r := stack.readyz())[0] == 503 and r, 60)
+    assert body["status"] == "unavailable"
 
 
 def test_a_second_signal_kills_what_is_left_at_once(launch) -> None:

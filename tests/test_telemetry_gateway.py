@@ -146,7 +146,7 @@ async def test_bad_queries_answer_400(api: httpx.AsyncClient) -> None:
     assert r.status_code == 400
     assert r.json()["error"]["message"].startswith("backend:")
     r = await api.get("/api/optimizer/state", params={"limit": "5000"})
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("decisions_limit:")
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("limit:")
 
 
 @pytest.mark.parametrize(

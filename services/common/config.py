@@ -69,17 +69,26 @@ class GenerationConfig:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 15.0
     queue_limit: int = 64
+    # The devices to compute on, one batch worker each, all taking from the one queue: a comma list
+    # such as "cuda:0,cuda:1" or "cpu". Empty: every CUDA device torch sees, else "cpu". A device
+    # may repeat ("cpu,cpu": two workers sharing the CPU; they share its memory budget and its
+    # loaded weights). Checked at start-up (services/generation/devices.py).
+    devices: str = ""
     # Memory budget: the share of device memory (or, on the CPU, of system
-    # memory) a batch may use.
+    # memory) a batch may use; workers sharing a device split it.
     target_utilization: float = 0.85
     cpu_memory_share: float = 0.5
     # An injected device capacity in MiB: a batch whose modelled footprint is
     # larger fails as if the allocator had run out of memory. It exercises the
     # out-of-memory path on the CPU, where Linux overcommits instead of
-    # failing an allocation. 0 means none.
-    memory_limit_mb: int = 0
+    # failing an allocation. 0 means none. One value for every worker, or a
+    # comma list with one value per entry of `devices` ("300,0": the first
+    # worker only).
+    memory_limit_mb: str = "0"
     # Processes that run mesh_export for meshes over export_inline_max_faces
     # faces (smaller ones export on a thread; 0 processes: every export does).
+    # Split among the workers, at least one each: a stuck export is replaced
+    # without touching another worker's.
     export_processes: int = 2
     export_inline_max_faces: int = 250_000
     grace_period_s: float = 20.0
@@ -136,11 +145,22 @@ class HunyuanConfig:
     grows with it.
     box_bound: the decoded volume spans [-box_bound, box_bound]^3 (the model's
     training box, 1.01 in hy3dgen).
+    flashvdm: decode the volume with FlashVDM's "lightning" decoder (hy3dgen's
+    FlashVDMVolumeDecoding: a coarse grid first, then finer ones only near the
+    surface, each query attending to the latents it needs most) instead of
+    the dense one that queries every point of the grid.
+    vae_path: a separate VAE folder that replaces the model folder's own, laid
+    out like `hunyuan3d-vae-v2-0-turbo` (`config.yaml` with `target` and
+    `params`, `model.fp16.safetensors`); empty: the model folder's VAE. It
+    is loaded through the same offline code, and its latents must match the
+    model's.
     """
 
     model_path: str = ""
     decode_chunk_points: int = 65_536
     box_bound: float = 1.01
+    flashvdm: bool = False
+    vae_path: str = ""
 
     @staticmethod
     def from_env() -> "HunyuanConfig":

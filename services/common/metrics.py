@@ -11,7 +11,8 @@ Where each call goes (`from services.common import metrics`)
 --------------------------------------------------------------
 services/generation/server.py, `serve()`:
     server, health = create_server([SERVICE_NAME], [metrics.MetricsInterceptor("generation"), *server_interceptors(security)])
-    after `worker.start()`:
+    after the workers start:
+        metrics.declare_devices([slot.device_name for slot in slots])
         metrics.start_metrics_server(config.host, config.metrics_port)
         metrics.track_queue_length(lambda: manager.queue_length)
         metrics.track_devices(lambda: sampler.latest)
@@ -25,12 +26,12 @@ services/generation/jobs.py:
     JobManager.mark_running, after `job.record.started_at = time.time()`:
         metrics.record_queue_wait(job.record.started_at - job.record.created_at)
     JobManager.emit_stage, first line inside `if state == "completed":`:
-        metrics.record_stage(stage, elapsed_s)
+        metrics.record_stage(stage, elapsed_s, record.device)
     JobManager.finish, after `record.finished_at = time.time()`:
         metrics.record_job_finished(status, record.error_code, record.finished_at - record.created_at)
 services/generation/worker.py:
     BatchWorker._preparing_loop, after `decision = await self.sizer.decide(...)`:
-        metrics.record_batch_decision(decision.source, decision.size)
+        metrics.record_batch_decision(decision.source, decision.size, device)
     BatchWorker._generate_shapes, in `run()`: first line `t0 = time.perf_counter()`; before `return shapes, peak`:
         metrics.record_batch(len(batch), time.perf_counter() - t0, peak, str(self.device))
     BatchWorker._generate_shapes, after `self.sizer.record_outcome(params, len(batch), 0, out_of_memory=True)`:
@@ -45,6 +46,10 @@ are counted too (as unauthenticated).
 
 Stage durations are recorded where the "completed" event is emitted, so the
 histogram and the events a client sees can never disagree.
+
+The `device` label ("cpu", "cuda:1") is the device of the worker that did the
+work: one series per device, whatever number of workers share it. It is empty
+for image_loading done at admission, before any worker took the job.
 """
 from __future__ import annotations
 
@@ -187,16 +192,20 @@ QUEUE_DURATION = Histogram(
 )
 STAGE_DURATION = Histogram(
     "orfeas_stage_duration_seconds",
-    "Duration of one pipeline stage for one job (shape_generation: its whole batch's time)",
-    ["stage"],
+    "Duration of one pipeline stage for one job (shape_generation: its whole batch's time), by the device "
+    "of the worker that ran it (empty for image_loading at admission)",
+    ["stage", "device"],
     buckets=DURATION_BUCKETS,
 )
 
 # ---------------------------------------------------------------------- batches
-BATCH_SIZE = Histogram("orfeas_batch_size", "Jobs per shape_generation batch run on the device", buckets=BATCH_SIZE_BUCKETS)
+BATCH_SIZE = Histogram(
+    "orfeas_batch_size", "Jobs per shape_generation batch run on the device", ["device"], buckets=BATCH_SIZE_BUCKETS
+)
 COMPUTE_DURATION = Histogram(
     "orfeas_compute_duration_seconds",
     "Time one batch spent in shape_generation on the device",
+    ["device"],
     buckets=DURATION_BUCKETS,
 )
 BATCH_PEAK_MEMORY = Gauge(
@@ -214,7 +223,7 @@ OPTIMIZER_DECISIONS = Counter(
     "Batch-size decisions, by who made them (telemetry, or the local fallback)",
     ["source"],
 )
-OPTIMIZER_BATCH_SIZE = Gauge("orfeas_optimizer_batch_size", "The latest batch size decided")
+OPTIMIZER_BATCH_SIZE = Gauge("orfeas_optimizer_batch_size", "The latest batch size decided for a device", ["device"])
 
 # ----------------------------------------------------------------------- devices
 DEVICE_MEMORY_USED = Gauge("orfeas_device_memory_used_bytes", "Device memory in use", ["device"])
@@ -228,8 +237,8 @@ DEVICE_UTILIZATION = Gauge("orfeas_device_utilization_ratio", "Device compute ut
 
 # Known label values start at zero, so `rate()` and alerts see a series
 # before the first event rather than an absent one.
-for _stage in STAGES:
-    STAGE_DURATION.labels(_stage)
+# The only stage that runs before a worker has the job (at admission).
+STAGE_DURATION.labels("image_loading", "")
 for _status in JOB_STATUSES:
     JOBS.labels(_status)
 for _reason in FAILURE_REASONS:
@@ -307,8 +316,18 @@ def subscriber_left(transport: str) -> None:
 
 
 # -------------------------------------------------------------- recording: jobs
-def record_stage(stage: str, seconds: float) -> None:
-    STAGE_DURATION.labels(stage).observe(seconds)
+def declare_devices(devices: Iterable[str]) -> None:
+    """Start every per-device series at zero for the devices this process computes on."""
+    for device in devices:
+        for stage in STAGES:
+            STAGE_DURATION.labels(stage, device)
+        BATCH_SIZE.labels(device)
+        COMPUTE_DURATION.labels(device)
+        OUT_OF_MEMORY.labels(device)
+
+
+def record_stage(stage: str, seconds: float, device: str | None = "") -> None:
+    STAGE_DURATION.labels(stage, device or "").observe(seconds)
 
 
 def record_queue_wait(seconds: float) -> None:
@@ -337,8 +356,8 @@ def record_job_finished(status: str, error_code: str | None, seconds: float) -> 
 
 # ----------------------------------------------------------- recording: batches
 def record_batch(size: int, compute_seconds: float, peak_bytes: int = 0, device: str = "cpu") -> None:
-    BATCH_SIZE.observe(size)
-    COMPUTE_DURATION.observe(compute_seconds)
+    BATCH_SIZE.labels(device).observe(size)
+    COMPUTE_DURATION.labels(device).observe(compute_seconds)
     if peak_bytes:
         BATCH_PEAK_MEMORY.labels(device).set(peak_bytes)
 
@@ -348,9 +367,9 @@ def record_out_of_memory(size: int, device: str = "cpu") -> None:
     log.debug("out of memory at batch size %d on %s", size, device)
 
 
-def record_batch_decision(source: str, size: int) -> None:
+def record_batch_decision(source: str, size: int, device: str = "cpu") -> None:
     OPTIMIZER_DECISIONS.labels(source).inc()
-    OPTIMIZER_BATCH_SIZE.set(size)
+    OPTIMIZER_BATCH_SIZE.labels(device).set(size)
 
 
 def set_memory_budget(device: str, budget_bytes: int) -> None:

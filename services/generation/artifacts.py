@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from services.common.errors import InvalidArgument
 
 JOB_ID_PATTERN = re.compile(r"^[a-z0-9]{8,64}$")
 
 FILE_NAMES: dict[str, str] = {"glb": "mesh.glb", "obj": "mesh.obj.zip", "stl": "mesh.stl", "ply": "mesh.ply"}
+# The packed final mesh a job keeps, from which a format is written the first time it is asked for.
+SOURCE_NAME = "mesh.npz"
+# A succeeded job's picture and its cut-out mask, for GET .../cutout.
+KEPT_INPUT_NAME = "input"
+CUTOUT_MASK_NAME = "cutout-mask.bin"
 CONTENT_TYPES: dict[str, str] = {
     "glb": "model/gltf-binary",
     "obj": "application/zip",
@@ -71,6 +79,47 @@ class ArtifactStore:
             _atomic_write(self.result_path(job_id, fmt), data)
             checksums[fmt] = sha256(data)
         return checksums
+
+    def source_path(self, job_id: str) -> Path:
+        return self.root / "results" / check_job_id(job_id) / SOURCE_NAME
+
+    def write_source(self, job_id: str, data: bytes) -> str:
+        """The packed final mesh the formats not written yet are made from; returns its sha256."""
+        _atomic_write(self.source_path(job_id), data)
+        return sha256(data)
+
+    def read_source(self, job_id: str, expected_sha256: str) -> bytes:
+        data = self.source_path(job_id).read_bytes()
+        if sha256(data) != expected_sha256:
+            raise ChecksumMismatch(f"{job_id}/source: checksum mismatch")
+        return data
+
+    def write_cutout_mask(self, job_id: str, mask: np.ndarray) -> str:
+        """The mask image_preprocessing chose (at the decoded picture's size), bit-packed; returns its sha256."""
+        height, width = mask.shape
+        data = struct.pack("<II", height, width) + np.packbits(mask.astype(bool), axis=None).tobytes()
+        _atomic_write(self.root / "results" / check_job_id(job_id) / CUTOUT_MASK_NAME, data)
+        return sha256(data)
+
+    def read_cutout(self, job_id: str, expected_sha256: str) -> tuple[bytes, np.ndarray]:
+        """(the job's input picture, its cut-out mask), the mask's checksum verified."""
+        folder = self.root / "results" / check_job_id(job_id)
+        data = (folder / CUTOUT_MASK_NAME).read_bytes()
+        if sha256(data) != expected_sha256:
+            raise ChecksumMismatch(f"{job_id}/cutout: checksum mismatch")
+        height, width = struct.unpack("<II", data[:8])
+        bits = np.unpackbits(np.frombuffer(data[8:], np.uint8), count=height * width)
+        return (folder / KEPT_INPUT_NAME).read_bytes(), bits.reshape(height, width).astype(bool)
+
+    def keep_input(self, job_id: str) -> None:
+        """A succeeded job keeps its picture beside its results (the cut-out is shown on it), and it
+        goes with them when the job expires; other jobs' pictures are deleted."""
+        source = self.input_path(job_id)
+        target = self.root / "results" / check_job_id(job_id) / KEPT_INPUT_NAME
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            pass
 
     def read_result(self, job_id: str, fmt: str, expected_sha256: str) -> bytes:
         data = self.result_path(job_id, fmt).read_bytes()

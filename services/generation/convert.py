@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -9,7 +10,6 @@ from pb.orfeas.generation.v1 import generation_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.generation.backends.registry import BackendStatus
 from services.generation.job_store import JobRecord
-from services.generation.pipeline.records import STAGES
 from services.generation.pipeline.params import (
     DEFAULT_BACKEND,
     MAX_SEED,
@@ -18,6 +18,7 @@ from services.generation.pipeline.params import (
     validate,
     validate_request_id,
 )
+from services.generation.pipeline.records import STAGES
 
 STAGE_ENUM: dict[str, int] = {name: pb.Stage.Value(f"STAGE_{name.upper()}") for name in STAGES}
 STATE_ENUM: dict[str, int] = {
@@ -55,10 +56,13 @@ def overall_progress(stage: str, stage_fraction: float) -> float:
     return done
 
 
-def params_from_request(req: pb.GenerateRequest) -> GenerationParams:
-    """Fill defaults (the backend's own for resolution, steps and guidance_scale), resolve the seed, and
-    check every range (InvalidArgument names the field)."""
-    defaults = backend_defaults(req.backend or DEFAULT_BACKEND)
+def params_from_request(req: pb.GenerateRequest, backends: Sequence[BackendStatus] = ()) -> GenerationParams:
+    """Fill defaults (the backend's own for resolution, steps and guidance_scale: those of the variant it has
+    loaded when `backends` says, so a turbo model gets 5 steps), resolve the seed, and check every range
+    (InvalidArgument names the field)."""
+    name = req.backend or DEFAULT_BACKEND
+    loaded = next((status.parameters for status in backends if status.name == name), None)
+    defaults = backend_defaults(name, loaded)
     if req.format and req.format not in FORMAT_NAME:
         raise InvalidArgument("format", f"unknown format value {req.format}")
     if req.remove_background and req.remove_background not in BACKGROUND_NAME:
@@ -133,6 +137,9 @@ def generation_message(job: JobRecord, queue_position: int = 0) -> pb.Generation
         request_id=job.request_id or "",
         cancel_requested=job.cancel_requested and not job.terminal,
         attempts=job.attempts,
+        # From the claim on; a requeued job has none until a worker takes it again.
+        worker_id=job.worker_id or "",
+        device=job.device or "",
     )
     if job.result is not None:
         msg.result.CopyFrom(mesh_stats(job.result))
@@ -174,6 +181,7 @@ def backend_message(status: BackendStatus) -> pb.Backend:
         description=status.parameters.description,
         device=status.device,
         precision=status.precision,
+        variant=status.variant,
         parameters=[
             pb.ParameterRange(name=r.name, minimum=r.minimum, maximum=r.maximum, default=r.default, meaning=r.meaning)
             for r in status.parameters.ranges()

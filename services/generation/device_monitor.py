@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -56,12 +57,19 @@ def cuda_available() -> bool:
 
 
 def sample_devices(worker_id: str) -> list[DeviceSample]:
-    """One sample per device this process computes on. Never raises for a missing GPU or driver."""
+    """One sample per device this process can see. Never raises for a missing GPU or driver."""
     if cuda_available():
         samples = sample_cuda_devices(worker_id)
         if samples:
             return samples
     return [sample_cpu(worker_id)]
+
+
+def sample_device(worker_id: str, device: str) -> DeviceSample:
+    """A sample of one device, "cpu" or "cuda:N"."""
+    if device.startswith("cuda"):
+        return sample_cuda_device(worker_id, _cuda_index(device))
+    return sample_cpu(worker_id)
 
 
 def free_memory_bytes(device: str = "cpu", cpu_memory_share: float = DEFAULT_CPU_MEMORY_SHARE) -> int:
@@ -218,37 +226,39 @@ def sample_cuda_devices(worker_id: str) -> list[DeviceSample]:
     """One sample per CUDA device torch sees, NVML figures where available."""
     import torch
 
+    return [sample_cuda_device(worker_id, index) for index in range(torch.cuda.device_count())]
+
+
+def sample_cuda_device(worker_id: str, index: int) -> DeviceSample:
+    """torch's device `index`, NVML figures where available."""
+    import torch
+
     nvml = _load_nvml()
-    samples = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        torch_free, torch_total = (int(v) for v in torch.cuda.mem_get_info(index))
-        reading: dict[str, Any] = {}
-        if nvml is not None:
-            handle = _nvml_handle(nvml, index, props)
-            if handle is not None:
-                reading = nvml_reading(nvml, handle)
-        total = reading.get("total", torch_total)
-        free = reading.get("free", torch_free)
-        samples.append(
-            DeviceSample(
-                worker_id=worker_id,
-                device=f"cuda:{index}",
-                device_type="cuda",
-                name=reading.get("name") or str(props.name),
-                memory_total_bytes=total,
-                memory_used_bytes=reading.get("used", total - free),
-                memory_free_bytes=free,
-                utilization_percent=reading.get("utilization"),
-                temperature_c=reading.get("temperature"),
-                power_w=reading.get("power"),
-                torch_free_bytes=torch_free,
-                torch_total_bytes=torch_total,
-                torch_max_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
-                sampled_at=time.time(),
-            )
-        )
-    return samples
+    props = torch.cuda.get_device_properties(index)
+    torch_free, torch_total = (int(v) for v in torch.cuda.mem_get_info(index))
+    reading: dict[str, Any] = {}
+    if nvml is not None:
+        handle = _nvml_handle(nvml, index, props)
+        if handle is not None:
+            reading = nvml_reading(nvml, handle)
+    total = reading.get("total", torch_total)
+    free = reading.get("free", torch_free)
+    return DeviceSample(
+        worker_id=worker_id,
+        device=f"cuda:{index}",
+        device_type="cuda",
+        name=reading.get("name") or str(props.name),
+        memory_total_bytes=total,
+        memory_used_bytes=reading.get("used", total - free),
+        memory_free_bytes=free,
+        utilization_percent=reading.get("utilization"),
+        temperature_c=reading.get("temperature"),
+        power_w=reading.get("power"),
+        torch_free_bytes=torch_free,
+        torch_total_bytes=torch_total,
+        torch_max_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
+        sampled_at=time.time(),
+    )
 
 
 def sample_nvml_devices(worker_id: str) -> list[DeviceSample]:
@@ -291,12 +301,26 @@ class DeviceSampler:
     """Samples every `interval_s` seconds and hands each sample to `report`
     (TelemetryClient.report_device_sample). Sampling runs in a thread, so a
     slow driver never stalls the event loop; a failed sample is logged and
-    the next one tried."""
+    the next one tried.
 
-    def __init__(self, worker_id: str, report: Callable[[DeviceSample], None], interval_s: float = 5.0) -> None:
+    `workers`: the (worker_id, device) of each worker of the process. Each
+    device is sampled once per round (two readings of the CPU in a row would
+    split its utilisation between them) and reported once per worker on it,
+    so every worker shows its device. Without workers: every device the
+    process sees, under `worker_id`.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        report: Callable[[DeviceSample], None],
+        interval_s: float = 5.0,
+        workers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.worker_id = worker_id
+        self.workers = list(workers)
         self.interval_s = interval_s
         self._report = report
         self._task: asyncio.Task[None] | None = None
@@ -314,11 +338,20 @@ class DeviceSampler:
                 await task
 
     async def sample_once(self) -> list[DeviceSample]:
-        samples = await asyncio.to_thread(sample_devices, self.worker_id)
+        samples = await asyncio.to_thread(self._sample)
         self.latest = samples
         for sample in samples:
             self._report(sample)
         return samples
+
+    def _sample(self) -> list[DeviceSample]:
+        if not self.workers:
+            return sample_devices(self.worker_id)
+        readings: dict[str, DeviceSample] = {}
+        for _worker, device in self.workers:
+            if device not in readings:
+                readings[device] = sample_device(self.worker_id, device)
+        return [dataclasses.replace(readings[device], worker_id=worker) for worker, device in self.workers]
 
     async def _run(self) -> None:
         while True:

@@ -27,6 +27,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from services.generation.faults import ExportProcessDied
 from services.generation.artifacts import ArtifactStore
 from services.generation.pipeline.records import TexturedShape
@@ -35,13 +37,22 @@ log = logging.getLogger(__name__)
 
 
 def export_and_store(
-    textured: TexturedShape, face_count: int, formats: Sequence[str], artifacts_root: str, job_id: str
+    textured: TexturedShape,
+    face_count: int,
+    formats: Sequence[str],
+    artifacts_root: str,
+    job_id: str,
+    cutout_mask: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """mesh_export, then every file written atomically; returns the job's result statistics."""
+    """mesh_export, then its files (and the source of the other formats) written atomically;
+    returns the job's result statistics."""
     from services.generation.pipeline.mesh_export import export_mesh
 
     exported = export_mesh(textured, face_count=face_count, formats=formats)
-    checksums = ArtifactStore(Path(artifacts_root)).write_results(job_id, exported.files)
+    store = ArtifactStore(Path(artifacts_root))
+    checksums = store.write_results(job_id, exported.files)
+    source_sha256 = store.write_source(job_id, exported.source)
+    cutout = {"cutout_sha256": store.write_cutout_mask(job_id, cutout_mask)} if cutout_mask is not None else {}
     return {
         "vertices": exported.vertices,
         "faces": exported.faces,
@@ -50,6 +61,8 @@ def export_and_store(
         "extents": list(exported.extents),
         "sizes": {fmt: len(data) for fmt, data in exported.files.items()},
         "sha256": checksums,
+        "source_sha256": source_sha256,
+        **cutout,
     }
 
 
@@ -87,12 +100,20 @@ class ExportPool:
             self.processes, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),)
         )
 
-    async def export(self, job_id: str, textured: TexturedShape, face_count: int, formats: Sequence[str]) -> dict[str, Any]:
+    async def export(
+        self,
+        job_id: str,
+        textured: TexturedShape,
+        face_count: int,
+        formats: Sequence[str],
+        cutout_mask: np.ndarray | None = None,
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         executor = self._threads if len(textured.shape.faces) <= self.inline_max_faces else self._executor
         try:
             return await loop.run_in_executor(
-                executor, export_and_store, textured, face_count, tuple(formats), self.artifacts_root, job_id
+                executor, export_and_store, textured, face_count, tuple(formats), self.artifacts_root, job_id,
+                cutout_mask,
             )
         except BrokenProcessPool:
             # A worker died (the kernel's OOM killer, say): replace the pool so later jobs still run.

@@ -73,6 +73,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN claim_token TEXT;
     ALTER TABLE jobs ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
     """,
+    # Which worker runs (or ran) the job, and on which device: set by the claim, cleared by a requeue.
+    """
+    ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+    ALTER TABLE jobs ADD COLUMN device TEXT;
+    """,
 )
 
 ACTIVE_STATUSES = ("queued", "running")
@@ -80,7 +85,7 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 JOB_COLUMNS = (
     "id", "request_id", "payload_sha256", "status", "params", "stage", "progress", "stage_timings", "result",
     "error_code", "error_message", "attempts", "deadline", "cancel_on_disconnect", "created_at", "started_at",
-    "finished_at", "cancel_requested", "claim_token", "version",
+    "finished_at", "cancel_requested", "claim_token", "version", "worker_id", "device",
 )  # fmt: skip
 
 
@@ -116,6 +121,10 @@ class JobRecord:
     claim_token: str | None = None
     # Bumped by every committed change.
     version: int = 0
+    # The worker that claimed the job and its device ("cuda:1", "cpu"); kept once it ends, so a
+    # finished job says where it ran. None while queued.
+    worker_id: str | None = None
+    device: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -259,6 +268,23 @@ class JobStore:
                     _insert_event(db, after.id, event)
                 out.append(Applied(before, after, event))
             return out
+
+        return await self._write(run)
+
+    async def record_artifact(self, job_id: str, fmt: str, sha256: str, size: int) -> bool:
+        """A succeeded job's result gains a format written after it ended (on its first download).
+
+        Not a transition of the life-cycle: the state and the events stay as they are."""
+
+        def run(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT status, result FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["status"] != "succeeded" or not row["result"]:
+                return False
+            result = json.loads(row["result"])
+            result["sha256"][fmt] = sha256
+            result["sizes"][fmt] = size
+            db.execute("UPDATE jobs SET result=?, version=version+1 WHERE id=?", (json.dumps(result), job_id))
+            return True
 
         return await self._write(run)
 
@@ -424,6 +450,8 @@ def _row_values(job: JobRecord) -> tuple[Any, ...]:
         int(job.cancel_requested),
         job.claim_token,
         job.version,
+        job.worker_id,
+        job.device,
     )
 
 
@@ -449,6 +477,8 @@ def _record(row: sqlite3.Row) -> JobRecord:
         cancel_requested=bool(row["cancel_requested"]),
         claim_token=row["claim_token"],
         version=row["version"],
+        worker_id=row["worker_id"],
+        device=row["device"],
     )
 
 

@@ -15,16 +15,21 @@ A failed commit changes nothing, and the caller gets the error.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+from PIL import Image
+
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from services.common import metrics
 from services.common.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -33,7 +38,7 @@ from services.common.errors import (
 )
 from services.common.tasks import TaskSupervisor
 from services.generation import convert, lifecycle
-from services.generation.artifacts import CONTENT_TYPES, FILE_NAMES, ArtifactStore, check_job_id
+from services.generation.artifacts import CONTENT_TYPES, FILE_NAMES, ArtifactStore, ChecksumMismatch, check_job_id
 from services.generation.job_store import Applied, Change, JobRecord, JobStore
 from services.generation.pipeline.params import GenerationParams
 from services.generation.pipeline.records import LoadedImage
@@ -115,6 +120,8 @@ class JobManager:
         self._queue: list[str] = []  # ids of queued jobs, in order
         self._queue_changed = asyncio.Event()
         self._claiming = asyncio.Lock()
+        # (job, format) -> the lock of the one download writing that format now.
+        self._writing_formats: dict[tuple[str, str], asyncio.Lock] = {}
         self._accepting = True
         self._closing = False
         # Seconds between two jobs finishing, smoothed: a full queue frees a
@@ -355,13 +362,75 @@ class JobManager:
             await changed.wait()
 
     async def result_file(self, job_id: str, fmt: str | None) -> tuple[str, str, str, str]:
-        """(format, content type, file name, expected sha256) of a finished job's result."""
+        """(format, content type, file name, expected sha256) of a finished job's result.
+
+        A job writes the format it asked for; another one is written from the job's
+        source the first time it is asked for, then kept (checksummed) like the first."""
         record, _ = await self.get(job_id)
         if record.status != lifecycle.SUCCEEDED or record.result is None:
             raise FailedPrecondition(f"generation {job_id} has no result (status {record.status})")
         fmt = fmt or record.params["format"]
+        digest = record.result["sha256"].get(fmt) or await self._write_format(job_id, fmt)
         extension = FILE_NAMES[fmt].split(".", 1)[1]
-        return fmt, CONTENT_TYPES[fmt], f"{job_id}.{extension}", record.result["sha256"][fmt]
+        return fmt, CONTENT_TYPES[fmt], f"{job_id}.{extension}", digest
+
+    async def _write_format(self, job_id: str, fmt: str) -> str:
+        lock = self._writing_formats.setdefault((job_id, fmt), asyncio.Lock())
+        try:
+            async with lock:
+                record, _ = await self.get(job_id)  # another download may have written it meanwhile
+                assert record.result is not None
+                if fmt in record.result["sha256"]:
+                    return record.result["sha256"][fmt]
+                source_sha256 = record.result.get("source_sha256")
+                if source_sha256 is None:
+                    raise FailedPrecondition(f"generation {job_id} has no source to write {fmt} from")
+                digest, size = await asyncio.to_thread(self._write_format_file, job_id, fmt, source_sha256)
+                await self.store.record_artifact(job_id, fmt, digest, size)
+                return digest
+        finally:
+            if not lock.locked():
+                self._writing_formats.pop((job_id, fmt), None)
+
+    def _write_format_file(self, job_id: str, fmt: str, source_sha256: str) -> tuple[str, int]:
+        from services.generation.pipeline.mesh_export import write_from_source
+
+        try:
+            source = self.artifacts.read_source(job_id, source_sha256)
+        except FileNotFoundError:
+            raise NotFound(f"generation {job_id}: its result files are gone (the job expired)") from None
+        except ChecksumMismatch as exc:
+            raise DataLoss(f"the stored result is damaged ({exc}); generate it again") from None
+        data = write_from_source(source, fmt)
+        return self.artifacts.write_results(job_id, {fmt: data})[fmt], len(data)
+
+    async def cutout_png(self, job_id: str) -> bytes:
+        """What the model was given: the picture as decoded, its alpha the mask image_preprocessing chose,
+        at the picture's own size (PNG)."""
+        record, _ = await self.get(job_id)
+        digest = (record.result or {}).get("cutout_sha256")
+        if record.status != lifecycle.SUCCEEDED or digest is None:
+            raise FailedPrecondition(f"generation {job_id} has no cut-out (status {record.status})")
+        return await asyncio.to_thread(self._cutout_png, job_id, digest)
+
+    def _cutout_png(self, job_id: str, digest: str) -> bytes:
+        from services.generation.pipeline.image_loading import load_image
+
+        try:
+            picture, mask = self.artifacts.read_cutout(job_id, digest)
+        except FileNotFoundError:
+            raise NotFound(f"generation {job_id}: its result files are gone (the job expired)") from None
+        except ChecksumMismatch as exc:
+            raise DataLoss(f"the stored cut-out is damaged ({exc})") from None
+        loaded = load_image(picture)
+        rgba = loaded.rgba.copy()
+        rgba[..., 3] = np.where(mask, 255, 0).astype(np.uint8)
+        image = Image.fromarray(rgba, "RGBA")
+        if image.size != loaded.size:  # a big picture was reduced for the pipeline: back to its own size
+            image = image.resize(loaded.size, Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG", compress_level=1)
+        return buffer.getvalue()
 
     def read_result(self, job_id: str, fmt: str, expected_sha256: str) -> bytes:
         """The file's bytes, its checksum verified. Touches only the disk, so it may run in a thread."""
@@ -428,11 +497,14 @@ class JobManager:
             except asyncio.TimeoutError:
                 pass
 
-    async def take_batch(self, params: GenerationParams, size: int, claim_token: str) -> list[LiveJob]:
+    async def take_batch(
+        self, params: GenerationParams, size: int, claim_token: str, worker_id: str = "", device: str = ""
+    ) -> list[LiveJob]:
         """Claim up to `size` queued jobs that can share a batch with `params`, oldest first.
 
-        The claim commits queued -> running (one more attempt) before any job
-        leaves the queue; a job cancelled meanwhile is simply not claimed.
+        The claim commits queued -> running (one more attempt, the worker and its device) before any
+        job leaves the queue; a job cancelled meanwhile is simply not claimed. Claims are taken one
+        at a time (the lock), so with several workers a job goes to exactly one of them.
         """
         await self._drop_expired()
         key = params.batch_key()
@@ -440,7 +512,7 @@ class JobManager:
             chosen = [self._live[j] for j in self._queue if self._live[j].params.batch_key() == key][:size]
             if not chosen:
                 return []
-            changes = [self._claim_change(job, claim_token) for job in chosen]
+            changes = [self._claim_change(job, claim_token, worker_id, device) for job in chosen]
             results = await self.store.apply(changes)
             claimed: list[LiveJob] = []
             for job, applied in zip(chosen, results):
@@ -454,14 +526,16 @@ class JobManager:
             await self._report_queue_positions()
         return claimed
 
-    def _claim_change(self, job: LiveJob, token: str) -> Change:
+    def _claim_change(self, job: LiveJob, token: str, worker_id: str, device: str) -> Change:
         # The first stage the worker runs starts with the claim, in its transaction.
         first = "image_preprocessing" if job.loaded is not None else "image_loading"
         progress = convert.overall_progress(first, 0.0)
         return Change(
             job.id,
             expect=lambda r: r.status == lifecycle.QUEUED and not r.cancel_requested,
-            change=_checked(lambda r: lifecycle.claim(r, token, first, progress)),
+            change=_checked(
+                lambda r: lifecycle.claim(r, token, first, progress, worker_id=worker_id or None, device=device or None)
+            ),
             event=lambda r: _event(
                 r, kind=pb.EVENT_KIND_STAGE, stage=convert.STAGE_ENUM[first], state=convert.STATE_ENUM["started"]
             ),
@@ -495,7 +569,7 @@ class JobManager:
         job.publish(applied.after, applied.event)  # type: ignore[arg-type]
         if completed:
             # Recorded where the event is made, so the histogram and what clients see agree.
-            metrics.record_stage(stage, elapsed_s)
+            metrics.record_stage(stage, elapsed_s, applied.after.device)
         return True
 
     async def finish(
@@ -618,8 +692,12 @@ class JobManager:
             interval = min(10.0, finished_at - self._last_finish)  # an idle spell is not a slow queue
             self._finish_interval_s = 0.8 * self._finish_interval_s + 0.2 * interval
         self._last_finish = finished_at
-        # Results are all that is kept of a finished job; its input can go.
-        self.tasks.spawn(asyncio.to_thread(self.artifacts.delete_input, record.id), "delete-input")
+        # A succeeded job keeps its picture beside its results (its cut-out is shown on it); the others' goes.
+        keep = record.status == lifecycle.SUCCEEDED
+        self.tasks.spawn(
+            asyncio.to_thread(self.artifacts.keep_input if keep else self.artifacts.delete_input, record.id),
+            "keep-input" if keep else "delete-input",
+        )
 
     def _remove_from_queue(self, job_id: str) -> None:
         if job_id in self._queue:

@@ -48,8 +48,17 @@ def _next(record: JobRecord, **changes: object) -> JobRecord:
     return dataclasses.replace(record, version=record.version + 1, **changes)  # type: ignore[arg-type]
 
 
-def claim(record: JobRecord, token: str, first_stage: str, progress: float, now: float | None = None) -> JobRecord:
-    """queued -> running: a worker takes the job; one more attempt is counted."""
+def claim(
+    record: JobRecord,
+    token: str,
+    first_stage: str,
+    progress: float,
+    now: float | None = None,
+    worker_id: str | None = None,
+    device: str | None = None,
+) -> JobRecord:
+    """queued -> running: a worker takes the job; one more attempt is counted, and which worker and
+    device run it is recorded with the claim."""
     return _next(
         record,
         status=RUNNING,
@@ -58,6 +67,8 @@ def claim(record: JobRecord, token: str, first_stage: str, progress: float, now:
         started_at=now or time.time(),
         stage=first_stage,
         progress=progress,
+        worker_id=worker_id,
+        device=device,
     )
 
 
@@ -105,7 +116,8 @@ def finish(
 def requeue(record: JobRecord, count_attempt: bool, progress: float) -> JobRecord:
     """running -> queued. A crash counts the attempt it interrupted; a graceful stop gives it back.
 
-    What the job did is forgotten but for image_loading, whose picture is still on disk.
+    What the job did is forgotten but for image_loading, whose picture is still on disk; so is the
+    worker, since any worker may take it next.
     """
     loaded = "image_loading" in record.stage_timings
     return _next(
@@ -117,4 +129,6 @@ def requeue(record: JobRecord, count_attempt: bool, progress: float) -> JobRecor
         progress=progress,
         stage_timings={"image_loading": record.stage_timings["image_loading"]} if loaded else {},
         started_at=None,
+        worker_id=None,
+        device=None,
     )

@@ -10,12 +10,19 @@ from services.generation.worker import JobProfile
 
 class TelemetryProfileSink:
     def __init__(
-        self, telemetry: TelemetryClient, worker_id: str, precision_of: Callable[[str], str] | None = None
+        self,
+        telemetry: TelemetryClient,
+        worker_id: str,
+        precision_of: Callable[[str], str] | None = None,
+        telemetry_name: Callable[[str], str] | None = None,
     ) -> None:
         self.telemetry = telemetry
         self.worker_id = worker_id
         # backend name -> the precision it computes in ("fp16" for hunyuan3d on CUDA); fp32 when not told.
         self.precision_of = precision_of or (lambda _backend: "fp32")
+        # backend name -> the name its profiles are aggregated under (with hunyuan3d's variant and decoder,
+        # "hunyuan3d.turbo.flashvdm"); its own name when not told.
+        self.telemetry_name = telemetry_name or (lambda backend: backend)
 
     def report(self, job: LiveJob, profile: JobProfile) -> None:
         # Only whole pipelines make meaningful aggregates; failures are counted by metrics instead.
@@ -24,7 +31,7 @@ class TelemetryProfileSink:
         self.telemetry.report_profile(
             PipelineProfile(
                 job_id=profile.job_id,
-                backend=profile.backend,
+                backend=self.telemetry_name(profile.backend),
                 worker_id=self.worker_id,
                 device=profile.device,
                 batch_size=profile.batch_size,

@@ -1,6 +1,7 @@
 """Entry point: `python -m services.generation.server`.
 
-Owns the device: picks CUDA when torch sees it, the CPU otherwise.
+Owns the devices: one batch worker per entry of GENERATION_DEVICES (every
+CUDA device torch sees when unset, else the CPU), all taking from one queue.
 """
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import asyncio
 import logging
 import os
 import socket
-
-import torch
+import sys
 
 from pb.orfeas.generation.v1 import generation_pb2
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
@@ -23,27 +23,74 @@ from services.generation.artifacts import ArtifactStore
 from services.generation.backends.registry import BackendSet, load_plugins
 from services.generation.batch_sizing import OptimizerBatchSizer
 from services.generation.device_monitor import DeviceSampler
+from services.generation.devices import DeviceBackends, DeviceConfigError, WorkerSlot, resolve_workers
 from services.generation.export_pool import ExportPool
-from services.generation.profile_reporting import TelemetryProfileSink
-from services.generation.telemetry_client import TelemetryClient
 from services.generation.job_store import JobStore
 from services.generation.jobs import JobManager
+from services.generation.profile_reporting import TelemetryProfileSink
 from services.generation.retention import RetentionSweeper
 from services.generation.servicer import GenerationServicer
 from services.generation.storage import StorageMonitor
-from services.generation.worker import BatchWorker, MemoryBudget
+from services.generation.telemetry_client import TelemetryClient
+from services.generation.worker import BatchWorker, IdleWorkers, MemoryBudget
 
 log = logging.getLogger("services.generation")
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
-def select_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def plan(config: GenerationConfig) -> list[WorkerSlot]:
+    """The workers this service runs; DeviceConfigError names a device the machine cannot serve."""
+    instance = f"{socket.gethostname()}:{config.port}"
+    return resolve_workers(config.devices, config.memory_limit_mb, instance)
 
 
-async def serve(config: GenerationConfig) -> None:
-    device = select_device()
+def build_workers(
+    config: GenerationConfig,
+    slots: list[WorkerSlot],
+    manager: JobManager,
+    artifacts: ArtifactStore,
+    telemetry: TelemetryClient,
+    backend_sets: dict[str, BackendSet],
+) -> list[BatchWorker]:
+    """One worker per slot, each with its own sizer, memory budget, export processes and profile sink."""
+    # The configured export processes are shared out, at least one each when there are any.
+    export_processes = max(1, config.export_processes // len(slots)) if config.export_processes > 0 else 0
+    idle = IdleWorkers()
+    workers = []
+    for slot in slots:
+        backends = backend_sets[slot.device_name]
+        sizer = OptimizerBatchSizer(
+            telemetry,
+            slot.device,
+            slot.worker_id,
+            config.max_batch_size,
+            config.cpu_memory_share,
+            sharing=slot.sharing,
+            capacity_bytes=slot.memory_limit_bytes,
+            telemetry_name=backends.telemetry_name,
+        )
+        workers.append(
+            BatchWorker(
+                manager,
+                artifacts,
+                sizer,
+                slot.device,
+                config.max_queue_delay_ms,
+                config.max_batch_size,
+                MemoryBudget(slot.memory_limit_bytes),
+                ExportPool(export_processes, artifacts.root, config.export_inline_max_faces),
+                profiles=TelemetryProfileSink(telemetry, slot.worker_id, backends.precision, backends.telemetry_name),
+                backends=backends,
+                stall_s=config.stall_s,
+                worker_id=slot.worker_id,
+                idle=idle,
+            )
+        )
+    return workers
+
+
+async def serve(config: GenerationConfig, slots: list[WorkerSlot]) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(config.data_dir / "generation.db", lock_wait_s=config.store_lock_wait_s)
     await store.open()
@@ -51,46 +98,45 @@ async def serve(config: GenerationConfig) -> None:
     storage = StorageMonitor(config.data_dir, int(config.min_free_mb * 2**20))
     manager = JobManager(store, artifacts, config.queue_limit, config.max_attempts, storage)
     recovered = await manager.recover()
-    memory_limit = config.memory_limit_mb * 2**20
-    worker_id = f"{socket.gethostname()}:{config.port}:{device}"
     telemetry = TelemetryClient(
         config.telemetry_address,
         buffer_size=config.telemetry_buffer_size,
         target_utilization=config.target_utilization,
     )
     await telemetry.start()
-    sampler = DeviceSampler(worker_id, telemetry.report_device_sample, config.device_sample_interval_s)
-    await sampler.start()
-    sizer = OptimizerBatchSizer(telemetry, device, worker_id, config.max_batch_size, config.cpu_memory_share)
-    # The shape backends of this device, loaded once: inflate at once, hunyuan3d's weights on a thread
-    # (requests for it are refused with the reason until they are in; inflate serves meanwhile).
-    plugins = load_plugins(config.backend_plugins)
-    backends = BackendSet.start_loading(device, HunyuanConfig.from_env())
-    worker = BatchWorker(
-        manager,
-        artifacts,
-        sizer,
-        device,
-        config.max_queue_delay_ms,
-        config.max_batch_size,
-        MemoryBudget(memory_limit),
-        ExportPool(config.export_processes, artifacts.root, config.export_inline_max_faces),
-        profiles=TelemetryProfileSink(telemetry, worker_id, backends.precision),
-        backends=backends,
-        stall_s=config.stall_s,
+    instance = slots[0].worker_id.rsplit("/", 1)[0]
+    sampler = DeviceSampler(
+        instance,
+        telemetry.report_device_sample,
+        config.device_sample_interval_s,
+        workers=[(slot.worker_id, slot.device_name) for slot in slots],
     )
+    await sampler.start()
+    # The shape backends of each device, loaded once however many workers share it: inflate at once,
+    # hunyuan3d's weights on a thread (requests for it are refused with the reason until they are in;
+    # inflate serves meanwhile).
+    plugins = load_plugins(config.backend_plugins)
+    hunyuan = HunyuanConfig.from_env()
+    backend_sets: dict[str, BackendSet] = {}
+    for slot in slots:
+        if slot.device_name not in backend_sets:
+            backend_sets[slot.device_name] = BackendSet.start_loading(slot.device, hunyuan)
+    workers = build_workers(config, slots, manager, artifacts, telemetry, backend_sets)
     admission = Admission()
 
     security = SecurityConfig.from_env()
     server, health = create_server(
         [SERVICE_NAME], [metrics.MetricsInterceptor("generation"), *server_interceptors(security)]
     )
-    pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(manager, admission, backends), server)
+    servicer = GenerationServicer(manager, admission, DeviceBackends(backend_sets))  # type: ignore[arg-type]
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     address = f"{config.host}:{config.port}"
     bind(server, address, security)
     await server.start()
     manager.start()
-    worker.start()
+    for worker in workers:
+        worker.start()
+    metrics.declare_devices(list(backend_sets))
     if config.metrics_port:
         metrics.start_metrics_server(config.host, config.metrics_port)
     metrics.track_queue_length(lambda: manager.queue_length)
@@ -100,15 +146,23 @@ async def serve(config: GenerationConfig) -> None:
     sweeping = asyncio.create_task(sweeper.run_forever(config.retention_interval_s))
     await set_serving(health, [SERVICE_NAME], True)
     log.info(
-        "serving", extra={"address": address, "device": str(device), "recovered": recovered, "plugins": plugins}
+        "serving",
+        extra={
+            "address": address,
+            "devices": [slot.device_name for slot in slots],
+            "workers": [slot.worker_id for slot in slots],
+            "recovered": recovered,
+            "plugins": plugins,
+        },
     )
 
     async def on_stop() -> None:
         sweeping.cancel()
         await asyncio.gather(sweeping, return_exceptions=True)
         await set_serving(health, [SERVICE_NAME], False)
-        # Calls are still served while the worker drains, so clients can follow and fetch to the end.
-        await worker.stop(config.grace_period_s)
+        # Calls are still served while the workers drain, all within the one grace period, so clients
+        # can follow and fetch to the end; each requeues what it could not finish.
+        await asyncio.gather(*(worker.stop(config.grace_period_s) for worker in workers))
         # Then every open stream ends with UNAVAILABLE naming the restart, not with a cut connection.
         await manager.close()
         admission.close()
@@ -123,7 +177,14 @@ async def serve(config: GenerationConfig) -> None:
 def main() -> None:
     config = GenerationConfig.from_env()
     setup_logging("generation", config.log_level)
-    asyncio.run(serve(config))
+    try:
+        slots = plan(config)
+    except DeviceConfigError as exc:
+        # A setting no restart can fix: say what is wrong, once, and stop.
+        log.error("cannot start", extra={"error": str(exc)})
+        logging.shutdown()
+        sys.exit(2)
+    asyncio.run(serve(config, slots))
     # Everything is closed. A stage the stall watchdog gave up on may still hold a thread, and
     # the interpreter would wait for it at exit for ever: leave without waiting.
     logging.shutdown()

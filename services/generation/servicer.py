@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import torch
@@ -117,17 +117,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             data = await asyncio.to_thread(self.manager.read_result, request.id, fmt, digest)
         except ChecksumMismatch as exc:
             raise DataLoss(f"the stored result is damaged ({exc}); generate it again") from None
-        for offset in range(0, max(1, len(data)), CHUNK_BYTES):
-            chunk = pb.ResultChunk(data=data[offset : offset + CHUNK_BYTES])
-            if offset == 0:
-                chunk.content_type = content_type
-                chunk.filename = filename
-                chunk.total_bytes = len(data)
-                chunk.sha256 = digest
+        for chunk in _chunks(data, content_type, filename, digest):
+            yield chunk
+
+    async def DownloadCutout(
+        self, request: pb.DownloadCutoutRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ResultChunk]:
+        data = await self.manager.cutout_png(request.id)
+        for chunk in _chunks(data, "image/png", f"{request.id}-cutout.png", hashlib.sha256(data).hexdigest()):
             yield chunk
 
     async def _submit(self, request: pb.GenerateRequest, call_deadline: float | None):  # -> JobRecord
-        params = convert.params_from_request(request)
+        params = convert.params_from_request(request, self.backends.statuses())
         # A backend that cannot serve (no weights, broken weights) refuses here, naming why; one still
         # loading its weights takes the job, which waits in the queue until they are in.
         self.backends.require_ready(params.backend, loading_is_fine=True)
@@ -155,3 +156,15 @@ def _payload_sha256(request: pb.GenerateRequest) -> str:
     content.ClearField("cancel_on_disconnect")
     content.ClearField("timeout_seconds")
     return hashlib.sha256(content.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _chunks(data: bytes, content_type: str, filename: str, digest: str) -> Iterator[pb.ResultChunk]:
+    """A file in chunks of at most CHUNK_BYTES; the first one says what it is."""
+    for offset in range(0, max(1, len(data)), CHUNK_BYTES):
+        chunk = pb.ResultChunk(data=data[offset : offset + CHUNK_BYTES])
+        if offset == 0:
+            chunk.content_type = content_type
+            chunk.filename = filename
+            chunk.total_bytes = len(data)
+            chunk.sha256 = digest
+        yield chunk

@@ -1,4 +1,13 @@
-"""The batch worker: one per device.
+"""The batch worker: one per entry of GENERATION_DEVICES (services/generation/devices.py).
+
+Every worker takes from the service's one queue; a claim is one committed
+transition naming the worker and its device, so a job runs on exactly one
+worker. Each worker has its own batch sizer (its out-of-memory ceiling), its
+memory budget, its CPU and device threads, its export processes and its stall
+watchdog: trouble on one device leaves the others' batches alone. A worker
+whose device is busy prepares its next batch ahead only when no other worker
+is idle (IdleWorkers), so no job waits behind a busy device while another
+device sits free.
 
 Two loops run concurrently so that the device is not idle while the CPU
 prepares work:
@@ -31,16 +40,17 @@ from services.common import metrics
 from services.common.errors import Cancelled, ResourceExhausted, ServiceError, internal_message
 from services.common.tasks import TaskSupervisor
 from services.generation.artifacts import ArtifactStore
+from services.generation.backends.base import BatchTimings, ShapeItem, ShapeSettings
+from services.generation.backends.registry import BackendSet
+from services.generation.devices import device_name
 from services.generation.export_pool import ExportPool
 from services.generation.faults import InfrastructureFault, OutOfMemory, Stalled, as_fault
 from services.generation.jobs import JobManager, LiveJob
 from services.generation.pipeline.image_loading import load_image
 from services.generation.pipeline.image_preprocessing import prepare_image
-from services.generation.pipeline.params import FORMATS, GenerationParams
+from services.generation.pipeline.params import GenerationParams
 from services.generation.pipeline.records import PreparedImage, Shape
 from services.generation.pipeline.texture_synthesis import synthesize_texture
-from services.generation.backends.base import BatchTimings, ShapeItem, ShapeSettings
-from services.generation.backends.registry import BackendSet
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,9 @@ class BatchDecision:
     size: int
     reasoning: str
     source: str  # "telemetry" or "local-fallback"
+    # The largest size this worker allows for the batch key now: max_batch_size, lowered by its own
+    # out-of-memory errors. 0 when the sizer keeps none.
+    ceiling: int = 0
 
 
 class BatchSizer(Protocol):
@@ -128,6 +141,39 @@ class MemoryBudget:
             )
 
 
+class IdleWorkers:
+    """Which workers of the service have a free device and no batch claimed for it.
+
+    Shared by the workers of one process. A busy worker defers its next claim
+    while another is idle (for at most `max_wait_s` at a time, so an idle worker
+    that cannot claim never stalls the rest).
+    """
+
+    def __init__(self, max_wait_s: float = 2.0) -> None:
+        self.max_wait_s = max_wait_s
+        self._idle: set[str] = set()
+        self._changed = asyncio.Event()
+
+    def set(self, worker_id: str, idle: bool) -> None:
+        if idle == (worker_id in self._idle):
+            return
+        if idle:
+            self._idle.add(worker_id)
+        else:
+            self._idle.discard(worker_id)
+        previous, self._changed = self._changed, asyncio.Event()
+        previous.set()
+
+    def others_idle(self, worker_id: str) -> bool:
+        return bool(self._idle - {worker_id})
+
+    async def changed(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+
 class BatchWorker:
     def __init__(
         self,
@@ -143,11 +189,17 @@ class BatchWorker:
         cpu_threads: int = 2,
         backends: BackendSet | None = None,
         stall_s: float = 0.0,
+        worker_id: str = "",
+        idle: IdleWorkers | None = None,
     ) -> None:
         self.manager = manager
         self.artifacts = artifacts
         self.sizer = sizer
         self.device = device
+        # "cpu", "cuda:1": what statuses, metrics and telemetry call the device.
+        self.device_name = device_name(device)
+        # Unique in the process ("host:port/cuda:1", "host:port/cpu#0"); recorded with every claim.
+        self.worker_id = worker_id or self.device_name
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_batch_size = max_batch_size
         self.memory = memory
@@ -156,10 +208,10 @@ class BatchWorker:
         # The shape backends loaded for this device (inflate only when none are given).
         self.backends = backends if backends is not None else BackendSet(device)
         self._cpu_threads = cpu_threads
-        self._cpu = ThreadPoolExecutor(cpu_threads, thread_name_prefix="cpu-stage")
+        self._cpu = ThreadPoolExecutor(cpu_threads, thread_name_prefix=f"cpu-stage-{self.worker_id}")
         self.stall_limit = StallLimit(stall_s)
-        # One thread owns the device, so batches never interleave on it.
-        self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="device")
+        # One thread per worker owns its device, so this worker's batches never interleave on it.
+        self._device_thread = ThreadPoolExecutor(1, thread_name_prefix=f"device-{self.worker_id}")
         self._prepared: asyncio.Queue[list[_Prepared]] = asyncio.Queue(maxsize=1)
         # The jobs this worker has claimed and not yet ended (or given back).
         self._in_flight: dict[str, LiveJob] = {}
@@ -172,14 +224,19 @@ class BatchWorker:
         self._abandoning = False
         self._waiting_for_work = False
         self._device_busy = False
+        # A batch claimed and still being prepared (not yet handed to the device loop).
+        self._claimed_pending = False
+        # The other workers of the service (none: this one alone).
+        self.idle = idle if idle is not None else IdleWorkers()
 
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._preparing_loop(), name="preparing"),
-            asyncio.create_task(self._device_loop(), name="device"),
+            asyncio.create_task(self._preparing_loop(), name=f"preparing {self.worker_id}"),
+            asyncio.create_task(self._device_loop(), name=f"device {self.worker_id}"),
         ]
-        self._watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
+        self._publish_idle()
+        self._watchdog = asyncio.create_task(self._watchdog_loop(), name=f"watchdog {self.worker_id}")
 
     async def stop(self, grace_s: float) -> None:
         """Take no new batches; let the work under way finish within the grace period.
@@ -188,6 +245,7 @@ class BatchWorker:
         an attempt: a graceful stop is not a crash.
         """
         self._stopping = True
+        self._publish_idle()
         self.manager.stop_accepting()
         self._watchdog.cancel()
         deadline = time.monotonic() + grace_s
@@ -208,7 +266,10 @@ class BatchWorker:
         leftover = [job for job in self._in_flight.values() if not job.record.terminal]
         if leftover:
             requeued = await self.manager.requeue(leftover, count_attempt=False)
-            log.info("requeued unfinished jobs for the next start", extra={"jobs": requeued, "grace_s": grace_s})
+            log.info(
+                "requeued unfinished jobs for the next start",
+                extra={"jobs": requeued, "grace_s": grace_s, "worker_id": self.worker_id},
+            )
         self._in_flight.clear()
         self._cpu.shutdown(wait=False, cancel_futures=True)
         self._device_thread.shutdown(wait=False, cancel_futures=True)
@@ -236,17 +297,20 @@ class BatchWorker:
 
     async def _stalled(self, job: LiveJob, limit_s: float) -> None:
         stage = job.record.stage
-        log.error("job stalled; giving it up", extra={"job_id": job.id, "stage": stage, "stall_s": limit_s})
+        log.error(
+            "job stalled; giving it up",
+            extra={"job_id": job.id, "stage": stage, "stall_s": limit_s, "worker_id": self.worker_id},
+        )
         job.abandoned.set()
         # Whatever thread or process is stuck in the stage stays stuck; later work gets fresh ones.
         if stage == "shape_generation":
             self._device_thread.shutdown(wait=False, cancel_futures=True)
-            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="device")
+            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix=f"device-{self.worker_id}")
         elif stage == "mesh_export":
             self.exports.reset()
         else:
             self._cpu.shutdown(wait=False, cancel_futures=True)
-            self._cpu = ThreadPoolExecutor(self._cpu_threads, thread_name_prefix="cpu-stage")
+            self._cpu = ThreadPoolExecutor(self._cpu_threads, thread_name_prefix=f"cpu-stage-{self.worker_id}")
         await self._retry_or_fail(job, Stalled(f"stalled: no progress in {stage or 'the queue'} for {limit_s:g} s"))
 
     async def _cpu_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -261,11 +325,34 @@ class BatchWorker:
                 log.exception("preparing a batch failed; carrying on")
                 await asyncio.sleep(0.1)
 
+    def _is_idle(self) -> bool:
+        return not (self._stopping or self._device_busy or self._claimed_pending or not self._prepared.empty())
+
+    def _publish_idle(self) -> None:
+        self.idle.set(self.worker_id, self._is_idle())
+
+    def _defers(self) -> bool:
+        """Busy here while another worker idles: the next batch is that one's to take."""
+        return not self._is_idle() and self.idle.others_idle(self.worker_id)
+
+    async def _wait_for_turn(self) -> bool:
+        """Wait while this worker defers to an idle one; False when it gave up waiting (bounded)."""
+        give_up = time.monotonic() + self.idle.max_wait_s
+        while self._defers():
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                return False
+            await self.idle.changed(remaining)
+        return True
+
     async def _prepare_next_batch(self) -> None:
         """Wait for a batch window, size the batch, take it, preprocess it, hand it to the device."""
         self._waiting_for_work = True
         try:
+            waited = await self._wait_for_turn()
             params, waiting = await self.manager.batch_window(self.max_batch_size, self.max_queue_delay_s)
+            if waited and self._defers():
+                return  # an idle worker turned up during the window: the batch is its to take
             head_size = self.manager.head_image_size()
             decision = await self.sizer.decide(waiting, params, head_size)
             # Below the storage reserve no new job starts: it could not write its results, and
@@ -275,25 +362,36 @@ class BatchWorker:
             self._waiting_for_work = False
         if self._stopping:
             return
-        metrics.record_batch_decision(decision.source, decision.size)
+        metrics.record_batch_decision(decision.source, decision.size, self.device_name)
         log.info(
             "batch size decision",
             extra={
+                "worker_id": self.worker_id,
+                "device": self.device_name,
                 "batch_size": decision.size,
+                "ceiling": decision.ceiling,
                 "waiting": waiting,
                 "reasoning": decision.reasoning,
                 "source": decision.source,
             },
         )
-        batch = await self.manager.take_batch(params, decision.size, claim_token=uuid.uuid4().hex)
+        batch = await self.manager.take_batch(
+            params, decision.size, claim_token=uuid.uuid4().hex, worker_id=self.worker_id, device=self.device_name
+        )
         if not batch:
             return
-        for job in batch:
-            self._in_flight[job.id] = job
-        prepared = await asyncio.gather(*(self._prepare(job, len(batch)) for job in batch))
-        ready = [p for p in prepared if p is not None]
-        if ready:
-            await self._prepared.put(ready)
+        self._claimed_pending = True
+        self._publish_idle()
+        try:
+            for job in batch:
+                self._in_flight[job.id] = job
+            prepared = await asyncio.gather(*(self._prepare(job, len(batch)) for job in batch))
+            ready = [p for p in prepared if p is not None]
+            if ready:
+                await self._prepared.put(ready)
+        finally:
+            self._claimed_pending = False
+            self._publish_idle()
 
     async def _storage_to_return(self) -> None:
         storage = self.manager.storage
@@ -310,7 +408,7 @@ class BatchWorker:
         profile = JobProfile(
             job_id=job.id,
             backend=params.backend,
-            device=str(self.device),
+            device=self.device_name,
             batch_size=batch_size,
             image_size=(0, 0),
             resolution=params.resolution,
@@ -403,6 +501,7 @@ class BatchWorker:
         while True:
             batch = await self._prepared.get()
             self._device_busy = True
+            self._publish_idle()
             try:
                 await self._run_batch(batch)
             except Exception as exc:  # noqa: BLE001 - fail this batch's jobs, keep the device loop alive
@@ -411,6 +510,7 @@ class BatchWorker:
                     await self._end_with_error(p.job, p.profile, exc)
             finally:
                 self._device_busy = False
+                self._publish_idle()
 
     async def _run_batch(self, batch: list[_Prepared]) -> None:
         batch = [p for p in batch if not await self._stopped_before_device(p)]
@@ -509,6 +609,9 @@ class BatchWorker:
             self.memory.check(len(batch), item_bytes)
             resident = 0
             if self.device.type == "cuda":
+                # This worker's GPU is the device thread's current one, so code that allocates on "the
+                # current device" lands here too and not on cuda:0.
+                torch.cuda.set_device(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
                 resident = torch.cuda.memory_allocated(self.device)
             shapes = backend.generate_batch(
@@ -519,7 +622,7 @@ class BatchWorker:
                 peak = max(0, torch.cuda.max_memory_allocated(self.device) - resident)
             else:
                 peak = item_bytes * len(batch)  # modelled: the CPU has no allocator high-water mark
-            metrics.record_batch(len(batch), time.perf_counter() - compute_started, peak, str(self.device))
+            metrics.record_batch(len(batch), time.perf_counter() - compute_started, peak, self.device_name)
             return shapes, peak
 
         try:
@@ -536,12 +639,12 @@ class BatchWorker:
                             for job in jobs]
                 return [exc] * len(batch)
             self.sizer.record_outcome(params, len(batch), 0, out_of_memory=True)
-            metrics.record_out_of_memory(len(batch), str(self.device))
+            metrics.record_out_of_memory(len(batch), self.device_name)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) == 1:
                 message = (
-                    f"out of memory: this job does not fit on {self.device} even alone "
+                    f"out of memory: this job does not fit on {self.device_name} even alone "
                     f"(about {item_bytes / 2**20:.0f} MiB needed); lower resolution: {exc}"
                 )
                 # Over the device's whole capacity it never fits: the job's own fault. An allocator
@@ -550,7 +653,12 @@ class BatchWorker:
             half = len(batch) // 2
             log.warning(
                 "out of memory; splitting the batch",
-                extra={"batch_size": len(batch), "into": [half, len(batch) - half], "error": str(exc)},
+                extra={
+                    "worker_id": self.worker_id,
+                    "batch_size": len(batch),
+                    "into": [half, len(batch) - half],
+                    "error": str(exc),
+                },
             )
             first = await self._generate_shapes(batch[:half], backend, params, loop, started)
             second = await self._generate_shapes(batch[half:], backend, params, loop, started)
@@ -591,7 +699,10 @@ class BatchWorker:
                 job,
                 profile,
                 "mesh_export",
-                lambda: self.exports.export(job.id, textured, params.face_count, FORMATS),
+                # Only the format asked for; the others are written when first downloaded.
+                lambda: self.exports.export(
+                    job.id, textured, params.face_count, (params.format,), cutout_mask=p.image.source_mask
+                ),
             )
             # The last step boundary: a cancel accepted during the export sticks.
             self._check_continue(job)
@@ -669,6 +780,8 @@ class BatchWorker:
             "job finished",
             extra={
                 "job_id": job.id,
+                "worker_id": self.worker_id,
+                "device": self.device_name,
                 "status": job.record.status,
                 "error": job.record.error_code,
                 "batch_size": profile.batch_size,

@@ -1,5 +1,6 @@
-"""Aggregates over job profiles: durations, the per-stage breakdown and the
-bottlenecks. Pure functions over records, so they can be checked by hand.
+"""Aggregates over job profiles: durations, the per-stage breakdown, the
+bottlenecks and the per-worker breakdown. Pure functions over records, so
+they can be checked by hand.
 
 Durations are taken over the succeeded profiles only: a failed job stops
 early, and its short pipeline would pull every figure down.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from services.telemetry.records import Bottleneck, ProfileRecord, StageStats, SubStageStats, Summary
+from services.telemetry.records import Bottleneck, ProfileRecord, StageStats, SubStageStats, Summary, WorkerStats
 
 # A stage is a bottleneck from this share of the pipeline, and critical from the next.
 BOTTLENECK_WARNING_SHARE = 0.20
@@ -90,7 +91,36 @@ def summarize(profiles: Sequence[ProfileRecord]) -> Summary:
         p95_duration=percentile(totals, 0.95),
         stage_breakdown=tuple(breakdown),
         bottlenecks=tuple(bottlenecks),
+        workers=by_worker(profiles),
     )
+
+
+def by_worker(profiles: Sequence[ProfileRecord]) -> tuple[WorkerStats, ...]:
+    """Each worker's part of the profiles, ordered by worker id: how the work was shared out."""
+    mine: dict[str, list[ProfileRecord]] = {}
+    for p in profiles:
+        mine.setdefault(p.worker_id, []).append(p)
+    all_succeeded = sum(1 for p in profiles if p.succeeded)
+    stats = []
+    for worker_id in sorted(mine):
+        own = mine[worker_id]
+        succeeded = [p for p in own if p.succeeded]
+        totals = sorted(p.total_duration_s for p in succeeded)
+        stats.append(
+            WorkerStats(
+                worker_id=worker_id,
+                device=own[-1].device,
+                total_pipelines=len(own),
+                succeeded_pipelines=len(succeeded),
+                failed_pipelines=len(own) - len(succeeded),
+                avg_duration=sum(totals) / len(totals) if totals else 0.0,
+                p50_duration=percentile(totals, 0.50),
+                p95_duration=percentile(totals, 0.95),
+                avg_batch_size=sum(p.batch_size for p in succeeded) / len(succeeded) if succeeded else 0.0,
+                share=len(succeeded) / all_succeeded if all_succeeded else 0.0,
+            )
+        )
+    return tuple(stats)
 
 
 def _part_stats(name: str, own: list[float], whole: list[float]) -> SubStageStats:

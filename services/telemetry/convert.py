@@ -28,7 +28,7 @@ MEMORY_TREND = {
 
 
 def summary(
-    s: Summary, backend: str, window: tpb.Window, window_s: float, backends: list[str]
+    s: Summary, backend: str, window: tpb.Window, window_s: float, backends: list[str], worker_id: str = ""
 ) -> tpb.PerformanceSummary:
     return tpb.PerformanceSummary(
         backend=backend,
@@ -60,6 +60,16 @@ def summary(
             tpb.Bottleneck(stage=b.stage, share=b.share, severity=SEVERITY[b.severity]) for b in s.bottlenecks
         ],
         backends=backends,
+        workers=[
+            tpb.WorkerStats(
+                worker_id=w.worker_id, device=w.device, total_pipelines=w.total_pipelines,
+                succeeded_pipelines=w.succeeded_pipelines, failed_pipelines=w.failed_pipelines,
+                avg_duration=w.avg_duration, p50_duration=w.p50_duration, p95_duration=w.p95_duration,
+                avg_batch_size=w.avg_batch_size, share=w.share,
+            )
+            for w in s.workers
+        ],
+        worker_id=worker_id,
     )
 
 

@@ -65,10 +65,10 @@ class Telemetry:
             _log_profile(p)
         return len(stored), duplicates
 
-    def summary(self, backend: str = "", window_s: float | None = None) -> Summary:
-        """All time when window_s is None, else the profiles that ended within it."""
+    def summary(self, backend: str = "", window_s: float | None = None, worker_id: str = "") -> Summary:
+        """All time when window_s is None, else the profiles that ended within it; one worker's when named."""
         since = None if window_s is None else self._clock() - window_s
-        return aggregates.summarize(self.store.profiles(backend, since))
+        return aggregates.summarize(self.store.profiles(backend, since, worker_id))
 
     def backends(self) -> list[str]:
         return self.store.backends()
@@ -82,7 +82,7 @@ class Telemetry:
             if not any(p.succeeded for p in profiles):
                 profiles = self.store.profiles(name)
             recs += recommendations.for_backend(name, profiles, aggregates.summarize(profiles))
-        recs += recommendations.for_devices(self._device_states()[0])
+        recs += recommendations.for_devices(one_per_device(self._device_states()[0]))
         return recommendations.ordered(recs)
 
     # ------------------------------------------------------------ devices
@@ -98,7 +98,7 @@ class Telemetry:
 
     def device_status(self, worker_id: str = "") -> DeviceStatus:
         states, recent, now = self._device_states(worker_id)
-        live = [st.latest for st in states if not st.stale]
+        live = physical_devices([st.latest for st in states if not st.stale])
         return DeviceStatus(
             devices=states,
             memory=MemoryTotals(
@@ -107,8 +107,38 @@ class Telemetry:
                 free_bytes=sum(s.memory_free_bytes for s in live),
             ),
             trends=device_trends.combined_trends(states, recent, now),
-            recommendations=recommendations.ordered(recommendations.for_devices(states)),
+            recommendations=recommendations.ordered(recommendations.for_devices(one_per_device(states))),
         )
+
+
+def instance_of(worker_id: str) -> str:
+    """The generation instance a worker belongs to: its id up to the last "/" ("host:50051" of
+    "host:50051/cpu#1"); an id without one is an instance of its own."""
+    return worker_id.rsplit("/", 1)[0] if "/" in worker_id else worker_id
+
+
+def physical_devices(samples: Sequence[DeviceSampleRecord]) -> list[DeviceSampleRecord]:
+    """One reading per device of an instance: workers that share a device (cpu#0 and cpu#1)
+    report the same memory, which a total must count once."""
+    newest: dict[tuple[str, str], DeviceSampleRecord] = {}
+    for s in samples:
+        key = (instance_of(s.worker_id), s.device)
+        if key not in newest or s.sampled_at > newest[key].sampled_at:
+            newest[key] = s
+    return list(newest.values())
+
+
+def one_per_device(states: Sequence[DeviceState]) -> list[DeviceState]:
+    """The states of distinct devices (the first worker's where several share one): advice about a
+    device's memory or use is said once, not once per worker on it."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for st in states:
+        key = (instance_of(st.latest.worker_id), st.latest.device)
+        if key not in seen:
+            seen.add(key)
+            out.append(st)
+    return out
 
 
 def _log_profile(p: ProfileRecord) -> None:

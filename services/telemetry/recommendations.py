@@ -28,6 +28,12 @@ UNDERUSED_FREE_SHARE = 0.30
 MIN_DEVICE_SAMPLES = 3
 NEARLY_FULL_SHARE = 0.95
 MIN_FACE_COUNT = 1_000
+# FlashVDM's lightning volume decoder is worth turning on once volume decoding takes this share of
+# shape_generation (the generation service reports it as a part of the stage, "volume_decoding").
+FLASHVDM_DECODING_SHARE = 0.5
+# The last part of a backend name whose volumes FlashVDM decodes already ("hunyuan3d.turbo.flashvdm"): the
+# generation service reports its backends under such names.
+FLASHVDM_SUFFIX = "flashvdm"
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 
@@ -41,6 +47,7 @@ def for_backend(backend: str, profiles: Sequence[ProfileRecord], summary: Summar
     recs += _face_count(backend, profiles, summary)
     recs += _steps(backend, profiles, summary)
     recs += _fp16(backend, profiles)
+    recs += _flashvdm(backend, summary)
     return recs
 
 
@@ -169,6 +176,33 @@ def _fp16(backend: str, profiles: Sequence[ProfileRecord]) -> list[Recommendatio
             message=f"{len(fp32)} of {len(cuda)} pipelines on CUDA ran in fp32 — enable fp16{detail}",
             figures=figures,
             subject=f"backend={backend}",
+        )
+    ]
+
+
+def _flashvdm(backend: str, summary: Summary) -> list[Recommendation]:
+    if backend.rsplit(".", 1)[-1] == FLASHVDM_SUFFIX:
+        return []
+    stage = summary.stage("shape_generation")
+    decoding = next((p for p in stage.substages if p.name == "volume_decoding"), None) if stage else None
+    if stage is None or decoding is None or decoding.share_of_stage < FLASHVDM_DECODING_SHARE:
+        return []
+    return [
+        Recommendation(
+            code="enable_flashvdm",
+            severity="warning",
+            message=(
+                f"volume decoding is {decoding.share_of_stage:.0%} of shape_generation ({decoding.avg_duration:.2f} s "
+                f"of {stage.avg_duration:.2f} s on average) — enable FlashVDM (HUNYUAN3D_FLASHVDM=1), which decodes "
+                "finely only near the surface"
+            ),
+            figures={
+                "volume_decoding_share": decoding.share_of_stage,
+                "volume_decoding_avg_s": decoding.avg_duration,
+                "shape_generation_avg_s": stage.avg_duration,
+                "pipelines": float(decoding.count),
+            },
+            subject=f"backend={backend} stage=shape_generation",
         )
     ]
 

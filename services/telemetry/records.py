@@ -92,6 +92,20 @@ class Bottleneck:
 
 
 @dataclass(frozen=True)
+class WorkerStats:
+    worker_id: str
+    device: str
+    total_pipelines: int
+    succeeded_pipelines: int
+    failed_pipelines: int
+    avg_duration: float
+    p50_duration: float
+    p95_duration: float
+    avg_batch_size: float
+    share: float  # of the succeeded profiles in scope
+
+
+@dataclass(frozen=True)
 class Summary:
     total_pipelines: int
     succeeded_pipelines: int
@@ -103,6 +117,7 @@ class Summary:
     p95_duration: float
     stage_breakdown: tuple[StageStats, ...]
     bottlenecks: tuple[Bottleneck, ...]
+    workers: tuple[WorkerStats, ...] = ()
 
     def stage(self, name: str) -> StageStats | None:
         return next((s for s in self.stage_breakdown if s.name == name), None)

@@ -36,11 +36,13 @@ class TelemetryServicer(telemetry_pb2_grpc.TelemetryServiceServicer):
         if request.window not in (tpb.WINDOW_UNSPECIFIED, tpb.WINDOW_ALL, tpb.WINDOW_RECENT):
             raise InvalidArgument("window", f"unknown window {request.window}")
         window_s = validation.window_seconds(request.window_seconds, self.telemetry.window_s)
+        worker_id = validation.worker_id("worker_id", request.worker_id, required=False)
+        backends = self.telemetry.backends()
         if request.window == tpb.WINDOW_RECENT:
-            summary = self.telemetry.summary(backend, window_s)
-            return convert.summary(summary, backend, tpb.WINDOW_RECENT, window_s, self.telemetry.backends())
-        summary = self.telemetry.summary(backend, None)
-        return convert.summary(summary, backend, tpb.WINDOW_ALL, 0.0, self.telemetry.backends())
+            summary = self.telemetry.summary(backend, window_s, worker_id)
+            return convert.summary(summary, backend, tpb.WINDOW_RECENT, window_s, backends, worker_id)
+        summary = self.telemetry.summary(backend, None, worker_id)
+        return convert.summary(summary, backend, tpb.WINDOW_ALL, 0.0, backends, worker_id)
 
     async def GetRecommendations(
         self, request: tpb.GetRecommendationsRequest, context: grpc.aio.ServicerContext

@@ -201,8 +201,9 @@ class TelemetryStore:
                 stored.append(p)
         return stored, duplicates
 
-    def profiles(self, backend: str = "", ended_since: float | None = None) -> list[ProfileRecord]:
-        where, args = self._profile_filter(backend, ended_since)
+    def profiles(self, backend: str = "", ended_since: float | None = None, worker_id: str = "") -> list[ProfileRecord]:
+        """Oldest first; empty filters match everything."""
+        where, args = self._profile_filter(backend, ended_since, worker_id)
         rows = self._db.execute(
             "SELECT id, job_id, backend, worker_id, device, batch_size, image_width, image_height, resolution,"
             f" steps, face_count, precision, started_at, total_duration_s, succeeded FROM profiles {where}"
@@ -241,12 +242,15 @@ class TelemetryStore:
         return [r[0] for r in self._db.execute("SELECT DISTINCT backend FROM profiles ORDER BY backend")]
 
     @staticmethod
-    def _profile_filter(backend: str, ended_since: float | None) -> tuple[str, tuple[object, ...]]:
+    def _profile_filter(backend: str, ended_since: float | None, worker_id: str = "") -> tuple[str, tuple[object, ...]]:
         clauses: list[str] = []
         args: list[object] = []
         if backend:
             clauses.append("profiles.backend = ?")
             args.append(backend)
+        if worker_id:
+            clauses.append("profiles.worker_id = ?")
+            args.append(worker_id)
         if ended_since is not None:
             clauses.append("profiles.ended_at >= ?")
             args.append(ended_since)

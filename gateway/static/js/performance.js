@@ -74,6 +74,7 @@ export class PerformancePanel {
       stages: root.querySelector("#perf-stages .perf-body"),
       advice: root.querySelector("#perf-advice .perf-body"),
       device: root.querySelector("#perf-device .perf-body"),
+      workers: root.querySelector("#perf-workers .perf-body"),
       batches: root.querySelector("#perf-batches .perf-body"),
     };
     this.samples = [];
@@ -114,6 +115,7 @@ export class PerformancePanel {
     this.draw("stages", summary, (d) => this.stages(d));
     this.draw("advice", summary, (d) => this.advice(d, recommendations, gpu));
     this.draw("device", gpu, (d) => this.device(d));
+    this.draw("workers", summary, (d) => this.workers(d, gpu));
     this.draw("batches", optimizer, (d) => this.batches(d));
     const failed = [summary, recommendations, gpu, optimizer].filter((r) => r.status === "rejected");
     const when = clock(new Date());
@@ -242,6 +244,41 @@ export class PerformancePanel {
     return out;
   }
 
+  // One row per worker: what it ran (telemetry's per-worker breakdown) and, from the device
+  // status, workers that have reported their device but finished no job yet.
+  workers(d, gpu) {
+    const rows = new Map();
+    for (const w of Array.isArray(d.workers) ? d.workers : []) {
+      if (w && w.worker_id) rows.set(w.worker_id, w);
+    }
+    if (gpu.status === "fulfilled") {
+      for (const x of gpu.value.devices || []) {
+        const id = (x.latest || x).worker_id;
+        if (id && !rows.has(id)) rows.set(id, { worker_id: id, device: (x.latest || x).device });
+      }
+    }
+    if (!rows.size) return el("p", { class: "hint", text: "No worker has reported yet." });
+    const ordered = [...rows.values()].sort((a, b) => String(a.worker_id).localeCompare(String(b.worker_id)));
+    return table(
+      `${ordered.length} worker${ordered.length === 1 ? "" : "s"}: what each ran`,
+      ["Worker", "Device", "Succeeded", "Failed", "Share", "Average", "p95", "Avg batch"],
+      ordered.map((w) => {
+        const ok = num(w.succeeded_pipelines);
+        return [
+          w.worker_id,
+          w.device || "—",
+          count(ok ?? 0),
+          count(num(w.failed_pipelines) ?? 0),
+          ok ? percent(num(w.share)) : "—",
+          ok ? seconds(num(w.avg_duration)) : "—",
+          ok ? seconds(num(w.p95_duration)) : "—",
+          ok ? (num(w.avg_batch_size) ?? 0).toFixed(1) : "—",
+        ];
+      }),
+      "perf-workers-table",
+    );
+  }
+
   batches(d) {
     const decisions = Array.isArray(d.decisions) ? d.decisions.slice(0, MAX_DECISIONS) : [];
     const costs = Array.isArray(d.costs) ? d.costs : [];
@@ -258,7 +295,7 @@ export class PerformancePanel {
     } else {
       out.push(table(
         "Recent batch sizes, newest first",
-        ["Time", "Work", "Queue", "Size", "Reasoning"],
+        ["Time", "Worker", "Work", "Queue", "Size", "Reasoning"],
         decisions.map((x) => {
           const at = num(x.decided_at);
           const outcome = x.outcome || x;
@@ -266,6 +303,7 @@ export class PerformancePanel {
           const size = num(x.size);
           return [
             at === null ? "—" : clock(new Date(at * 1000)),
+            x.worker_id || x.device || "—",
             `${x.backend || ""} ${x.resolution ?? "?"}² × ${x.steps ?? "?"} steps`.trim(),
             count(num(x.queue_length)),
             ran !== null && ran !== size ? `${count(size)} (ran ${count(ran)})` : count(size),

@@ -1,7 +1,12 @@
 // One generation on screen: its queue position, its five stages advancing
-// live over Server-Sent Events, then its statistics, downloads and 3D view.
+// live over Server-Sent Events, then its statistics, downloads, the cut-out
+// the model was given, and the 3D view.
+//
+// The events come over fetch, not EventSource, so the bearer token travels
+// with them; a stream that breaks (the service restarting) resumes from the
+// last event it delivered, with Last-Event-ID.
 
-import { generations } from "./api.js";
+import { fetchFile, generations, streamEvents } from "./api.js";
 import { bytes, count, seconds, stageLabel } from "./format.js";
 
 const STAGES = ["image_loading", "image_preprocessing", "shape_generation", "texture_synthesis", "mesh_export"];
@@ -15,6 +20,8 @@ const FORMATS = [
 // The stream sends one `queued` event at submission; the position after that
 // comes from polling the job while it waits.
 const QUEUE_POLL_MS = 1500;
+// Pauses before reconnecting a broken stream: doubling, at most this.
+const RECONNECT_MAX_MS = 10000;
 
 export class RunPanel {
   constructor(root, { viewer, onFinished }) {
@@ -37,6 +44,8 @@ export class RunPanel {
       faces: root.querySelector("#stat-faces"),
       watertight: root.querySelector("#stat-watertight"),
       extents: root.querySelector("#stat-extents"),
+      cutout: root.querySelector("#cutout"),
+      cutoutFigure: root.querySelector("#cutout-figure"),
     };
     this.el.cancel.addEventListener("click", () => this.cancel());
   }
@@ -64,26 +73,52 @@ export class RunPanel {
   }
 
   stop() {
-    if (this.source) this.source.close();
+    if (this.source) this.source.abort();
     this.source = null;
     clearTimeout(this.queueTimer);
     this.queueTimer = null;
     this.el.cancel.hidden = true;
   }
 
-  watch(id) {
-    const source = new EventSource(generations.eventsUrl(id));
-    this.source = source;
-    const mine = () => this.source === source;
-    source.addEventListener("queued", (e) => {
+  async watch(id) {
+    const stream = new AbortController();
+    this.source = stream;
+    const mine = () => this.source === stream;
+    let lastEventId = null;
+    let pause = 500;
+    while (mine()) {
+      try {
+        for await (const message of streamEvents(generations.eventsUrl(id), { lastEventId, signal: stream.signal })) {
+          if (!mine()) return;
+          if (message.id) lastEventId = message.id;
+          pause = 500;
+          const outcome = this.onEvent(id, message.event, JSON.parse(message.data));
+          if (outcome === "end") return;
+          if (outcome === "reconnect") break;
+        }
+      } catch (err) {
+        if (!mine() || err.name === "AbortError") return;
+        if (err.status && err.status < 500) {
+          // The request itself is refused (an unknown job, no token): reconnecting will not help.
+          this.stop();
+          this.showError(err.message);
+          return;
+        }
+      }
+      // The stream ended without the job's end (the service restarting, the network): resume.
       if (!mine()) return;
-      const data = JSON.parse(e.data);
+      this.el.status.textContent = "Connection lost; reconnecting…";
+      await new Promise((resolve) => setTimeout(resolve, pause));
+      pause = Math.min(pause * 2, RECONNECT_MAX_MS);
+    }
+  }
+
+  // One event; "end" when the stream is done with (a terminal event, or an error that is final).
+  onEvent(id, name, data) {
+    if (name === "queued") {
       this.showStatus("queued", data.queue_position);
       this.pollQueue(id);
-    });
-    source.addEventListener("stage", (e) => {
-      if (!mine()) return;
-      const data = JSON.parse(e.data);
+    } else if (name === "stage") {
       this.el.progress.value = data.progress;
       this.setStage(data.stage, data.state, data.stage_progress, data.elapsed_seconds);
       // image_loading runs at submission, before the job waits in the queue.
@@ -94,38 +129,21 @@ export class RunPanel {
           this.showStatus("running", 0, data.stage, data.stage_progress, data.detail);
         }
       }
-    });
-    for (const status of TERMINAL) {
-      source.addEventListener(status, (e) => {
-        if (!mine()) return;
-        this.stop();
-        const data = JSON.parse(e.data);
-        if (status === "succeeded") this.el.progress.value = 1;
-        this.showOutcome(status, data.result, data.error);
-        this.onFinished(id);
-      });
+    } else if (TERMINAL.includes(name)) {
+      this.stop();
+      if (name === "succeeded") this.el.progress.value = 1;
+      this.showOutcome(name, data.result, data.error);
+      this.onFinished(id);
+      return "end";
+    } else if (name === "error") {
+      // The gateway's own error event. UNAVAILABLE: the service is restarting, so resume; else final.
+      const error = data.error || {};
+      if (error.code === "UNAVAILABLE") return "reconnect";
+      this.stop();
+      this.showError(error.message || "the progress stream failed");
+      return "end";
     }
-    source.addEventListener("error", (e) => {
-      if (!mine()) return;
-      if (e.data) {
-        // The gateway's own `error` event: the stream cannot go on.
-        const body = JSON.parse(e.data);
-        this.stop();
-        this.showError(body.error ? body.error.message : "the progress stream failed");
-        return;
-      }
-      if (source.readyState === EventSource.CONNECTING) {
-        this.el.status.textContent = "Connection lost; reconnecting…";
-      } else {
-        // The browser gave up (the gateway answered with an error): ask the job
-        // itself, after a pause so a stream that keeps failing is not hammered.
-        this.stop();
-        this.el.status.textContent = "Lost the progress stream; checking the job…";
-        setTimeout(() => {
-          if (this.jobId === id && !this.source) this.refresh(id);
-        }, 2000);
-      }
-    });
+    return null;
   }
 
   async refresh(id) {
@@ -227,15 +245,54 @@ export class RunPanel {
         const link = document.createElement("a");
         link.className = "button";
         link.href = generations.resultUrl(id, format);
-        link.download = "";
         link.dataset.format = format;
+        // Formats other than the job's own are written on their first download: no size yet.
         const size = result.bytes && result.bytes[format];
         link.textContent = size ? `${label} · ${bytes(size)}` : label;
         link.setAttribute("aria-label", `Download ${label}${size ? `, ${bytes(size)}` : ""}`);
+        // Through fetch, so the token goes with it; the file is saved from a blob.
+        link.addEventListener("click", (e) => {
+          e.preventDefault();
+          this.download(link.href);
+        });
         return link;
       }),
     );
     this.el.result.hidden = false;
+    this.showCutout(id);
     this.viewer.load(generations.resultUrl(id, "glb"), id);
+  }
+
+  async download(url) {
+    try {
+      const { blob, filename } = await fetchFile(url);
+      const href = URL.createObjectURL(blob);
+      const save = document.createElement("a");
+      save.href = href;
+      save.download = filename;
+      document.body.append(save);
+      save.click();
+      save.remove();
+      setTimeout(() => URL.revokeObjectURL(href), 60000);
+    } catch (err) {
+      this.showError(`Could not download: ${err.message}`);
+    }
+  }
+
+  // What the model was given: the picture with the mask the preprocessing chose, so a bad
+  // cut-out can be told from a bad shape.
+  async showCutout(id) {
+    const { cutout, cutoutFigure } = this.el;
+    if (cutout.src) URL.revokeObjectURL(cutout.src);
+    cutout.removeAttribute("src");
+    cutoutFigure.hidden = true;
+    try {
+      const { blob } = await fetchFile(generations.cutoutUrl(id));
+      if (this.jobId !== id) return;
+      cutout.src = URL.createObjectURL(blob);
+      cutoutFigure.hidden = false;
+    } catch {
+      // Jobs from before cut-outs were kept have none: the figure stays hidden.
+    }
   }
 }

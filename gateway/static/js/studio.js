@@ -1,7 +1,7 @@
 // The Studio page: wires the form, the run panel, the viewer, the history and
 // the performance panel together. Everything it asks for is on this origin.
 
-import { generations } from "./api.js";
+import { auth, generations, UNAUTHORIZED } from "./api.js";
 import { GenerateForm } from "./form.js";
 import { History } from "./history.js";
 import { PerformancePanel } from "./performance.js";
@@ -41,6 +41,22 @@ async function openGeneration(id, moveFocus) {
     heading.scrollIntoView({ block: "start" });
   }
 }
+
+// With GATEWAY_AUTH_TOKEN set, every /api/ call needs the token: asked for at the first 401, kept
+// for the tab, and the page starts again with it. A token the gateway refuses is said so plainly.
+const tokenDialog = $("#token-dialog");
+window.addEventListener(UNAUTHORIZED, () => {
+  if (tokenDialog.open) return;
+  $("#token-message").textContent = auth.token
+    ? "The gateway refused that token (401). Check it and enter it again."
+    : "Enter the token the operator set as GATEWAY_AUTH_TOKEN.";
+  tokenDialog.showModal();
+  $("#token-input").focus();
+});
+$("#token-form").addEventListener("submit", () => {
+  auth.set($("#token-input").value.trim());
+  window.location.reload();
+});
 
 const linked = HASH.exec(window.location.hash);
 if (linked) openGeneration(linked[1], false);

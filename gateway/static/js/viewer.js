@@ -7,6 +7,8 @@ import * as THREE from "three";
 import { GLTFLoader } from "three/addons/loaders/GLTFLoader.js";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
 
+import { fetchFile } from "./api.js";
+
 const BACKGROUND = 0xeef1f5;
 const TURN = Math.PI / 12;
 const ZOOM = 1.15;
@@ -90,7 +92,9 @@ export class Viewer {
     this.setState("loading", "Loading the model…");
     let gltf;
     try {
-      gltf = await new GLTFLoader().loadAsync(url);
+      // Fetched through the API helper, so the bearer token goes with it.
+      const { blob } = await fetchFile(url);
+      gltf = await new GLTFLoader().parseAsync(await blob.arrayBuffer(), "");
     } catch (err) {
       if (this.loading === url) this.setState("error", `Could not show the model: ${err.message}`);
       return;

@@ -10,6 +10,14 @@ only name classes of hy3dgen.shapegen, since its `target` strings are
 imported by name. What goes wrong while loading becomes the backend's
 reason for not being ready; it never stops the service.
 
+Variants: the folder's config says which model it is (hunyuan3d_variant.py):
+standard, turbo (the consistency scheduler, 5 steps by default), mini (the
+0.6 B denoiser), ... The same code runs them all; the variant sets the
+default steps and the name telemetry learns the costs under.
+HUNYUAN3D_VAE_PATH swaps in a separate VAE folder (such as
+`hunyuan3d-vae-v2-0-turbo`), loaded with hy3dgen's own VAE loader, and
+HUNYUAN3D_FLASHVDM=1 turns on hy3dgen's FlashVDM ("lightning") decoder.
+
 One call per batch:
 1. The model's own image processor (ImageProcessorV2, inside the pipeline)
    takes each cut-out as an RGBA picture; the conditioner, the denoiser and
@@ -20,9 +28,10 @@ One call per batch:
    where cancellation and deadlines take effect: raising from it stops the
    call, and the next call resets the scheduler, so the pipeline stays usable.
    Latents come back with output_type="latent".
-3. Volume decoding, done here: vae(latents / scale_factor), then the VAE's
-   own volume decoder, handed a callable around vae.geo_decoder that counts
-   chunks (progress, stop checks). Nothing of hy3dgen is patched.
+3. Volume decoding, done here (hunyuan3d_decoding.py): vae(latents /
+   scale_factor), then the VAE's own volume decoder, dense or lightning,
+   handed a wrapper around vae.geo_decoder that counts chunks (progress,
+   stop checks). Nothing of hy3dgen is patched.
 4. Surface extraction (pipeline/surface.py): padded with "outside", marching
    cubes, welded, the largest piece kept, wound outward. An empty volume is
    this item's own INVALID_ARGUMENT; the batch-mates go on.
@@ -41,7 +50,6 @@ centred on 0) so that projecting the picture along z lands on it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -66,6 +74,8 @@ from services.generation.backends.base import (
     ensure_memory_fits,
     report,
 )
+from services.generation.backends.hunyuan3d_decoding import decode_dense, decode_lightning
+from services.generation.backends.hunyuan3d_variant import STANDARD, telemetry_name, variant_of
 from services.generation.pipeline.records import PreparedImage, Shape
 from services.generation.pipeline.surface import EmptySurface, extract_surface
 
@@ -81,8 +91,6 @@ SURFACE_LEVEL = 0.0  # occupancy logits: above is inside
 # Shares of the shape_generation progress bar.
 DENOISING_SHARE = 0.70
 DECODING_SHARE = 0.25
-# At most this many decoding progress reports per call (chunks can number thousands at 512).
-DECODING_REPORTS = 50
 
 
 class BackendUnavailable(Exception):
@@ -103,44 +111,74 @@ class ModelDimensions:
     vae_width: int
     vae_heads: int
     weight_bytes: int
+    # False for a guidance-distilled denoiser (fast, turbo), which embeds the scale instead of doubling the batch.
+    classifier_free_guidance: bool = True
 
 
 def check_folder(model_path: str) -> tuple[Path, Path, dict[str, Any]]:
     """(config path, weights path, parsed config) of a model folder, or BackendUnavailable saying what is wrong."""
-    import yaml
-
     if not model_path:
         raise BackendUnavailable("HUNYUAN3D_MODEL_PATH is not set")
-    folder = Path(model_path).expanduser()
+    config_path, weights_path, config = _read_folder("HUNYUAN3D_MODEL_PATH", model_path, "weights")
+    for part in CONFIG_PARTS:
+        _check_target(config_path, config.get(part), f"{part}.target")
+    _check_weights(weights_path, required=("model", "vae"))
+    return config_path, weights_path, config
+
+
+def check_vae_folder(vae_path: str) -> tuple[Path, Path, dict[str, Any]]:
+    """The same for a separate VAE folder (HUNYUAN3D_VAE_PATH): config.yaml with `target` and `params`, and
+    model.fp16.safetensors holding the VAE's own tensors (no `vae.` prefix)."""
+    config_path, weights_path, config = _read_folder("HUNYUAN3D_VAE_PATH", vae_path, "VAE weights")
+    whole_model = f"HUNYUAN3D_VAE_PATH={config_path.parent} holds a whole model, not a VAE folder such as " \
+        "hunyuan3d-vae-v2-0-turbo"
+    if "model" in config and "vae" in config:
+        raise BackendUnavailable(whole_model)
+    _check_target(config_path, config, "target")
+    if not isinstance(config.get("params"), dict):
+        raise BackendUnavailable(f"{config_path} is not valid: params is missing")
+    parts = _check_weights(weights_path, required=(), what="VAE weights")
+    if "vae" in parts or "model" in parts:
+        raise BackendUnavailable(f"{whole_model} (its weights are model.* and vae.* tensors)")
+    if "geo_decoder" not in parts:
+        raise BackendUnavailable(f"VAE weights at {weights_path} could not be loaded: no geo_decoder.* tensors")
+    return config_path, weights_path, config
+
+
+def _read_folder(variable: str, path: str, what: str) -> tuple[Path, Path, dict[str, Any]]:
+    import yaml
+
+    folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise BackendUnavailable(f"HUNYUAN3D_MODEL_PATH={folder} is not a folder")
+        raise BackendUnavailable(f"{variable}={folder} is not a folder")
     config_path = folder / CONFIG_FILE
     weights_path = folder / WEIGHTS_FILE
     if not config_path.is_file():
         raise BackendUnavailable(f"{config_path} is missing")
     if not weights_path.is_file():
-        raise BackendUnavailable(f"weights at {weights_path} are missing")
+        raise BackendUnavailable(f"{what} at {weights_path} are missing")
     try:
         config = yaml.safe_load(config_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise BackendUnavailable(f"{config_path} is not valid: {_first_line(exc)}") from None
     if not isinstance(config, dict):
         raise BackendUnavailable(f"{config_path} is not valid: not a mapping")
-    for part in CONFIG_PARTS:
-        section = config.get(part)
-        target = section.get("target") if isinstance(section, dict) else None
-        if not isinstance(target, str):
-            raise BackendUnavailable(f"{config_path} is not valid: {part}.target is missing")
-        if not target.startswith(ALLOWED_TARGET_PREFIX):
-            raise BackendUnavailable(
-                f"{config_path} is not valid: {part}.target {target!r} is not a class of {ALLOWED_TARGET_PREFIX[:-1]}"
-            )
-    _check_weights(weights_path)
     return config_path, weights_path, config
 
 
-def _check_weights(weights_path: Path) -> None:
-    """A readable safetensors file with the parts hy3dgen loads: checked before hy3dgen is imported at all."""
+def _check_target(config_path: Path, section: Any, where: str) -> None:
+    target = section.get("target") if isinstance(section, dict) else None
+    if not isinstance(target, str):
+        raise BackendUnavailable(f"{config_path} is not valid: {where} is missing")
+    if not target.startswith(ALLOWED_TARGET_PREFIX):
+        raise BackendUnavailable(
+            f"{config_path} is not valid: {where} {target!r} is not a class of {ALLOWED_TARGET_PREFIX[:-1]}"
+        )
+
+
+def _check_weights(weights_path: Path, required: tuple[str, ...], what: str = "weights") -> set[str]:
+    """The key prefixes of a readable safetensors file holding the `required` parts: checked before hy3dgen is
+    imported at all."""
     from safetensors import safe_open
 
     try:
@@ -148,13 +186,14 @@ def _check_weights(weights_path: Path) -> None:
             parts = {key.split(".", 1)[0] for key in weights.keys()}
     except Exception as exc:  # noqa: BLE001 - truncated, not safetensors, unreadable: all one reason
         raise BackendUnavailable(
-            f"weights at {weights_path} could not be loaded: {type(exc).__name__}: {_first_line(exc)}"
+            f"{what} at {weights_path} could not be loaded: {type(exc).__name__}: {_first_line(exc)}"
         ) from None
-    missing = [part for part in ("model", "vae") if part not in parts]
+    missing = [part for part in required if part not in parts]
     if missing:
         raise BackendUnavailable(
-            f"weights at {weights_path} could not be loaded: no {' or '.join(p + '.*' for p in missing)} tensors"
+            f"{what} at {weights_path} could not be loaded: no {' or '.join(p + '.*' for p in missing)} tensors"
         )
+    return parts
 
 
 def import_native_dependencies_here() -> None:
@@ -189,19 +228,37 @@ def import_hy3dgen() -> Any:
 class Hunyuan3DBackend(ShapeBackend):
     name = "hunyuan3d"
 
-    def __init__(self, pipeline: Any, device: torch.device, config: HunyuanConfig, weights_path: Path) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        device: torch.device,
+        config: HunyuanConfig,
+        weights_path: Path,
+        variant: str = STANDARD,
+    ) -> None:
         self.pipeline = pipeline
         self.device = device
         self.config = config
         self.weights_path = weights_path
+        # "standard", "turbo", "mini", ... (hunyuan3d_variant.py): what the folder's config says it is.
+        self.variant = variant
+        self.flashvdm = config.flashvdm
         self.precision = "fp16" if pipeline.dtype == torch.float16 else "fp32"
         self.dimensions = _dimensions(pipeline)
-        # One call at a time: the pipeline's scheduler keeps per-call state.
+        # One call at a time: the pipeline's scheduler keeps per-call state, and so does FlashVDM's attention.
         self._lock = threading.Lock()
+
+    @property
+    def telemetry_name(self) -> str:
+        """What telemetry learns this backend's costs under: its name, then its variant and decoder where they
+        are not the standard ones ("hunyuan3d", "hunyuan3d.turbo.flashvdm")."""
+        return telemetry_name(self.name, self.variant, self.flashvdm)
 
     @classmethod
     def load(cls, config: HunyuanConfig, device: torch.device) -> "Hunyuan3DBackend":
-        config_path, weights_path, _ = check_folder(config.model_path)
+        config_path, weights_path, model_config = check_folder(config.model_path)
+        # A separate VAE folder is checked before anything heavy is loaded, so its faults are quick to see.
+        vae_files = check_vae_folder(config.vae_path) if config.vae_path else None
         pipeline_class = import_hy3dgen()
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         started = time.perf_counter()
@@ -213,11 +270,21 @@ class Hunyuan3DBackend(ShapeBackend):
             raise BackendUnavailable(
                 f"weights at {weights_path} could not be loaded: {type(exc).__name__}: {_first_line(exc)}"
             ) from None
-        backend = cls(pipeline, device, config, weights_path)
+        if vae_files is not None:
+            pipeline.vae = _load_vae(*vae_files, expected=pipeline.vae, device=device, dtype=dtype)
+        if config.flashvdm:
+            # hy3dgen's own switch: the lightning volume decoder and top-k attention in the geometry decoder.
+            # mc_algo names the surface extractor the VAE would use itself ("mc": scikit-image's, no CUDA
+            # package); this backend extracts surfaces itself (pipeline/surface.py).
+            pipeline.vae.enable_flashvdm_decoder(enabled=True, adaptive_kv_selection=True, mc_algo="mc")
+        backend = cls(pipeline, device, config, weights_path, variant_of(model_config))
         log.info(
             "hunyuan3d loaded",
             extra={
                 "path": str(weights_path),
+                "vae_path": str(vae_files[1]) if vae_files else "",
+                "variant": backend.variant,
+                "flashvdm": backend.flashvdm,
                 "device": str(device),
                 "precision": backend.precision,
                 "weights_mib": round(backend.dimensions.weight_bytes / 2**20, 1),
@@ -234,24 +301,33 @@ class Hunyuan3DBackend(ShapeBackend):
         d = self.dimensions
         element = 2 if self.precision == "fp16" else 4
         on_cpu = self.device.type == "cpu"
-        # Denoising, classifier-free guidance doubling the batch: a DiT block's activations over latents
-        # and condition tokens (qkv, 4x MLP, norms and residuals: about 16 widths), and on the CPU the
-        # attention matrix, which its SDPA kernel materialises.
+        # Denoising, classifier-free guidance doubling the batch (a guidance-distilled model embeds the scale
+        # instead): a DiT block's activations over latents and condition tokens (qkv, 4x MLP, norms and
+        # residuals: about 16 widths), and on the CPU the attention matrix, which its SDPA kernel materialises.
+        copies = 2 if d.classifier_free_guidance else 1
         tokens = d.num_latents + d.condition_tokens
-        denoising = 2 * tokens * d.dit_hidden * 16 * element
+        denoising = copies * tokens * d.dit_hidden * 16 * element
         if on_cpu:
-            denoising += 2 * d.dit_heads * tokens * tokens * 4
+            denoising += copies * d.dit_heads * tokens * tokens * 4
         # Image encoding: the encoder's activations (small beside the rest).
         encoding = d.condition_tokens * d.condition_hidden * 16 * element
         # Volume decoding: one chunk of queries through the cross-attention decoder (about 12 widths per
-        # query), its attention over the latents on the CPU, and the whole logit grid (chunk outputs,
-        # their concatenation, float32 copy); the shared query grid counted per item to be safe.
+        # query), its attention over the latents on the CPU (FlashVDM: over the third it keeps), and the
+        # logit grid.
         chunk = self.config.decode_chunk_points
         decoding = chunk * d.vae_width * 12 * element
         if on_cpu:
-            decoding += chunk * d.vae_heads * d.num_latents * 4
+            decoding += chunk * d.vae_heads * (d.num_latents // 3 if self.flashvdm else d.num_latents) * 4
         points = (resolution + 1) ** 3
-        grid = points * (2 * element + 4) + points * 3 * element
+        if self.flashvdm:
+            # The finest grid's logits, marks and dilation (3 elements), the fill's float32 copies and votes
+            # (about 24 bytes), and the indices and query points of the band it evaluates, taken as a quarter
+            # of the grid (a trained model's band is thinner; the optimizer learns the real peak on CUDA).
+            grid = points * (3 * element + 24) + points // 4 * 48
+        else:
+            # Chunk outputs, their concatenation and a float32 copy; the shared query grid counted per item
+            # to be safe.
+            grid = points * (2 * element + 4) + points * 3 * element
         return int(max(denoising, encoding, decoding) + grid)
 
     # ------------------------------------------------------------------------------------------
@@ -338,39 +414,24 @@ class Hunyuan3DBackend(ShapeBackend):
         progress: ProgressCallback | None,
         should_stop: StopCheck | None,
     ) -> list[np.ndarray | None]:
-        """Each item's (R+1)^3 float32 logit volume, on the host."""
+        """Each item's float32 logit volume, on the host (hunyuan3d_decoding.py)."""
         vae = self.pipeline.vae
-        chunk = max(1, self.config.decode_chunk_points)
-        chunks = math.ceil((resolution + 1) ** 3 / chunk)
-        every = max(1, chunks // DECODING_REPORTS)
-        decoded = 0
 
-        def geometry_decoder(**kwargs: Any) -> torch.Tensor:
-            nonlocal decoded
-            check_stop(should_stop)
-            logits = vae.geo_decoder(**kwargs)
-            decoded += 1
-            if decoded % every == 0 or decoded == chunks:
-                report(
-                    progress,
-                    DENOISING_SHARE + DECODING_SHARE * decoded / chunks,
-                    f"decoding chunk {decoded} of {chunks}",
-                )
-            return logits
+        def decoding(fraction: float, detail: str) -> None:
+            report(progress, DENOISING_SHARE + DECODING_SHARE * fraction, detail)
 
         with torch.inference_mode():
             shape_latents = vae(latents / vae.scale_factor)
-            grids = vae.volume_decoder(
-                shape_latents,
-                geometry_decoder,
-                bounds=self.config.box_bound,
-                num_chunks=chunk,
-                octree_resolution=resolution,
-                enable_pbar=False,
+            if self.flashvdm:
+                return decode_lightning(
+                    vae, shape_latents, resolution=resolution, bound=self.config.box_bound,
+                    chunk_points=self.config.decode_chunk_points, level=SURFACE_LEVEL, report=decoding,
+                    should_stop=should_stop,
+                )
+            return decode_dense(
+                vae, shape_latents, resolution=resolution, bound=self.config.box_bound,
+                chunk_points=self.config.decode_chunk_points, report=decoding, should_stop=should_stop,
             )
-            del shape_latents
-            volumes: list[np.ndarray | None] = [grid.float().cpu().numpy() for grid in grids]
-        return volumes
 
     def _surface(self, volume: np.ndarray | None, item: ShapeItem) -> Shape | ServiceError:
         assert volume is not None
@@ -432,7 +493,39 @@ def _dimensions(pipeline: Any) -> ModelDimensions:
         vae_width=int(vae.post_kl.out_features),
         vae_heads=int(vae.geo_decoder.cross_attn_decoder.attn.heads),
         weight_bytes=int(weight_bytes),
+        classifier_free_guidance=getattr(model, "guidance_embed", False) is not True,
     )
+
+
+def _load_vae(config_path: Path, weights_path: Path, config: dict[str, Any], *, expected: Any,
+              device: torch.device, dtype: torch.dtype) -> Any:
+    """A separate VAE folder through hy3dgen's own loader (VectsetVAE.from_single_file); its latents must be
+    the ones the model's denoiser makes."""
+    from hy3dgen.shapegen.models.autoencoders import VectsetVAE
+    from hy3dgen.shapegen.pipelines import get_obj_from_str
+
+    try:
+        vae_class = get_obj_from_str(config["target"])
+    except Exception as exc:  # noqa: BLE001 - a name that does not import is a reason, not a crash
+        raise BackendUnavailable(
+            f"{config_path} is not valid: target {config['target']!r}: {_first_line(exc)}"
+        ) from None
+    if not (isinstance(vae_class, type) and issubclass(vae_class, VectsetVAE)):
+        raise BackendUnavailable(f"{config_path} is not valid: target {config['target']!r} is not a VAE")
+    try:
+        vae = vae_class.from_single_file(
+            str(weights_path), str(config_path), device=str(device), dtype=dtype, use_safetensors=True
+        )
+    except Exception as exc:  # noqa: BLE001 - a broken VAE is a reason, not a crash
+        raise BackendUnavailable(
+            f"VAE weights at {weights_path} could not be loaded: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    if tuple(vae.latent_shape) != tuple(expected.latent_shape):
+        raise BackendUnavailable(
+            f"the VAE at {weights_path.parent} takes latents of shape {tuple(vae.latent_shape)}, the model makes "
+            f"{tuple(expected.latent_shape)}"
+        )
+    return vae
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,6 +6,13 @@ loads on a thread while the service already serves inflate); until then, or
 when its folder is missing or broken, it is "loading" or "unavailable" with
 a reason that names the path, and asking for it is FAILED_PRECONDITION.
 Loading never stops the service.
+
+A backend with weights also says which model they are (its `variant`, read
+from the folder's config as soon as loading starts: hunyuan3d's "standard",
+"turbo", "mini", ...), and its parameters carry that variant's defaults
+(pipeline/params.py: 5 steps for turbo). Telemetry learns its costs under a
+name that includes the variant and the decoder ("hunyuan3d.turbo.flashvdm"),
+so a turbo batch is sized from turbo's own peaks.
 """
 from __future__ import annotations
 
@@ -19,12 +26,14 @@ import torch
 from services.common.config import HunyuanConfig
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.generation.backends.base import ShapeBackend
+from services.generation.backends.hunyuan3d_variant import folder_variant, telemetry_name
 from services.generation.pipeline.params import (
     BACKEND_PARAMETERS,
     DEFAULT_BACKEND,
     BackendParameters,
     backend_names,
     register_backend_parameters,
+    variant_parameters,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,8 @@ class BackendStatus:
     is_default: bool
     device: str
     precision: str  # "fp32", "fp16"; "" when not loaded
-    parameters: BackendParameters
+    parameters: BackendParameters  # with the variant's defaults
+    variant: str = ""  # which model its weights are ("standard", "turbo", ...); "" without weights or unavailable
 
 
 class BackendSet:
@@ -92,6 +102,8 @@ class BackendSet:
         self._backends: dict[str, ShapeBackend] = {name: factory() for name, factory in _STATELESS.items()}
         self._states: dict[str, tuple[str, str]] = {name: (READY, "") for name in self._backends}
         self._states.setdefault("hunyuan3d", (UNAVAILABLE, "HUNYUAN3D_MODEL_PATH is not set"))
+        # name -> (variant, name telemetry learns its costs under), for a backend loading or loaded.
+        self._variants: dict[str, tuple[str, str]] = {}
         self._loader: threading.Thread | None = None
 
     @classmethod
@@ -111,6 +123,9 @@ class BackendSet:
 
             import_native_dependencies_here()
             backends._set("hunyuan3d", LOADING, f"loading the weights from {config.model_path}")
+            # The variant is in the config, read in a moment: jobs submitted while the weights load get its
+            # defaults already.
+            backends._set_variant(config, folder_variant(config.model_path))
             backends._loader = threading.Thread(
                 target=backends._load_hunyuan, args=(config,), name="load-hunyuan3d", daemon=True
             )
@@ -141,10 +156,18 @@ class BackendSet:
         with self._lock:
             self._backends["hunyuan3d"] = backend
             self._states["hunyuan3d"] = (READY, "")
+            self._variants["hunyuan3d"] = (backend.variant, backend.telemetry_name)
+
+    def _set_variant(self, config: HunyuanConfig, variant: str) -> None:
+        if variant:
+            with self._lock:
+                self._variants["hunyuan3d"] = (variant, telemetry_name("hunyuan3d", variant, config.flashvdm))
 
     def _set(self, name: str, state: str, reason: str) -> None:
         with self._lock:
             self._states[name] = (state, reason)
+            if state == UNAVAILABLE:
+                self._variants.pop(name, None)
 
     # ------------------------------------------------------------------------------------------
 
@@ -173,6 +196,21 @@ class BackendSet:
         with self._lock:
             return self._backends[name]
 
+    def variant(self, name: str) -> str:
+        """Which model a backend's weights are ("turbo", ...), known from the start of loading; "" for none."""
+        with self._lock:
+            return self._variants.get(name, ("", ""))[0]
+
+    def parameters(self, name: str) -> BackendParameters:
+        """A backend's ranges, with the defaults of the variant it has (turbo: 5 steps)."""
+        return variant_parameters(name, self.variant(name))
+
+    def telemetry_name(self, name: str) -> str:
+        """The name telemetry learns a backend's costs under: with its variant and decoder
+        ("hunyuan3d.turbo.flashvdm") when they are not the standard ones, else its own name."""
+        with self._lock:
+            return self._variants.get(name, ("", name))[1]
+
     def precision(self, name: str) -> str:
         """What a loaded backend computes in ("fp16", "fp32"); "fp32" for one not loaded."""
         with self._lock:
@@ -183,6 +221,7 @@ class BackendSet:
         with self._lock:
             states = dict(self._states)
             backends = dict(self._backends)
+            variants = {name: variant for name, (variant, _) in self._variants.items()}
         result = []
         for name in backend_names():
             state, reason = states.get(name, (UNAVAILABLE, "not built into this service"))
@@ -195,7 +234,8 @@ class BackendSet:
                     is_default=name == DEFAULT_BACKEND,
                     device=str(self.device),
                     precision=getattr(backend, "precision", "fp32") if backend is not None else "",
-                    parameters=BACKEND_PARAMETERS[name],
+                    parameters=variant_parameters(name, variants.get(name, "")),
+                    variant=variants.get(name, ""),
                 )
             )
         return result

@@ -1,4 +1,4 @@
-"""Stage 5: decimate, map, normalise and write every format.
+"""Stage 5: decimate, map, normalise, and write the format asked for.
 
 Decimation is quadric (fast_simplification) on the closed mesh; the result
 is checked (every edge shared by exactly two faces in opposite directions,
@@ -18,6 +18,15 @@ the UVs and vertex colours it carries.
 
 Model units: mesh_export centres the bounding box on the origin and scales
 uniformly so that the longest extent is 1 (see records.py).
+
+Formats: a job writes the format it asked for, plus the mesh's "source" (the
+final arrays and the texture, packed with numpy), from which any other format
+is written the first time somebody asks for it (`write_from_source`). So a job
+pays for one writer, not four. The writers are trimesh's where they are not
+slower (STL, PLY); GLB and OBJ are written here, being several times faster
+than trimesh's (bench/exporters.py, figures in bench/RESULTS.md). Textures
+are JPEG: a photographic atlas compresses five times smaller than PNG and
+encodes more than ten times faster, and glTF and OBJ readers take both.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ from dataclasses import dataclass
 
 import fast_simplification
 import numpy as np
+import trimesh
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -50,8 +60,10 @@ _SIMPLIFY_LOCK = threading.Lock()
 # thin part into one edge breaks closure; which collapses happen depends on both knobs, so a
 # failure is retried at the same target less aggressively before the target is raised.
 _ATTEMPTS = ((1.0, 7.0), (1.0, 5.0), (1.0, 3.0), (1.25, 5.0), (1.6, 5.0), (2.5, 3.0))
-PNG_COMPRESS_LEVEL = 1  # the atlas is photographic; higher levels cost time and save little
-OBJ_NAME, MTL_NAME, TEXTURE_NAME = "model.obj", "model.mtl", "texture.png"
+JPEG_QUALITY = 90
+OBJ_NAME, MTL_NAME, TEXTURE_NAME = "model.obj", "model.mtl", "texture.jpg"
+# What a source file holds: _Mesh's arrays, plus the texture (absent when the texture is off).
+_SOURCE_FIELDS = ("vertices", "faces", "normals", "colors", "split_source", "split_faces", "split_uv", "split_colors")
 
 
 @dataclass
@@ -72,6 +84,7 @@ class _Mesh:
 def export_mesh(
     textured: TexturedShape, *, face_count: int, formats: Sequence[str] = FORMATS
 ) -> ExportedMesh:
+    """The formats asked for (all four by default) and the source any other one can be written from."""
     for name in formats:
         if name not in FORMATS:
             raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {name!r}")
@@ -85,15 +98,8 @@ def export_mesh(
             textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count
         )
         mesh = _map_and_normalise(vertices, faces, textured)
-    png = _encode_png(textured.texture) if textured.texture is not None and ({"glb", "obj"} & set(formats)) else None
-
-    writers = {
-        "glb": lambda: _write_glb(mesh, png),
-        "obj": lambda: _write_obj_zip(mesh, png),
-        "stl": lambda: _write_stl(mesh),
-        "ply": lambda: _write_ply(mesh),
-    }
-    files = {name: writers[name]() for name in dict.fromkeys(formats)}
+    image = _encode_jpeg(textured.texture) if textured.texture is not None and ({"glb", "obj"} & set(formats)) else None
+    files = {name: _write(mesh, name, image) for name in dict.fromkeys(formats)}
     extents = mesh.vertices.max(0) - mesh.vertices.min(0)
     return ExportedMesh(
         files=files,
@@ -102,6 +108,49 @@ def export_mesh(
         watertight=closed,
         volume=signed_volume(mesh.vertices, mesh.faces),
         extents=(float(extents[0]), float(extents[1]), float(extents[2])),
+        source=pack_source(mesh, textured.texture),
+    )
+
+
+def pack_source(mesh: "_Mesh", texture: np.ndarray | None) -> bytes:
+    """The final mesh and its texture, uncompressed (a few milliseconds to write and read back)."""
+    buffer = io.BytesIO()
+    arrays = {name: getattr(mesh, name) for name in _SOURCE_FIELDS}
+    if texture is not None:
+        arrays["texture"] = texture
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_from_source(source: bytes, fmt: str) -> bytes:
+    """One format's file from a source written by export_mesh: byte for byte what export_mesh writes."""
+    if fmt not in FORMATS:
+        raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    with np.load(io.BytesIO(source), allow_pickle=False) as arrays:
+        mesh = _Mesh(**{name: arrays[name] for name in _SOURCE_FIELDS})
+        texture = arrays["texture"] if "texture" in arrays.files else None
+    return _write(mesh, fmt, _encode_jpeg(texture) if texture is not None and fmt in ("glb", "obj") else None)
+
+
+def _write(mesh: "_Mesh", fmt: str, image: bytes | None) -> bytes:
+    if fmt == "glb":
+        return _write_glb(mesh, image)
+    if fmt == "obj":
+        return _write_obj_zip(mesh, image)
+    if fmt == "stl":
+        return _trimesh_of(mesh).export(file_type="stl")
+    return _trimesh_of(mesh).export(file_type="ply", encoding="binary", vertex_normal=True)
+
+
+def _trimesh_of(mesh: "_Mesh") -> trimesh.Trimesh:
+    """The merged (watertight) mesh with normals and vertex colours, for trimesh's writers."""
+    return trimesh.Trimesh(
+        vertices=mesh.vertices,
+        faces=mesh.faces,
+        vertex_normals=mesh.normals,
+        vertex_colors=mesh.colors,
+        process=False,
+        validate=False,
     )
 
 
@@ -259,9 +308,9 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals.astype(np.float32)
 
 
-def _encode_png(texture: np.ndarray) -> bytes:
+def _encode_jpeg(texture: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(texture).save(buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(texture).save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 
@@ -269,9 +318,9 @@ def _encode_png(texture: np.ndarray) -> bytes:
 # GLB
 
 
-def _write_glb(mesh: _Mesh, png: bytes | None) -> bytes:
+def _write_glb(mesh: _Mesh, jpeg: bytes | None) -> bytes:
     """glTF 2.0 binary: one mesh, one material; textured (split vertices) or vertex-coloured (merged)."""
-    if png is not None:
+    if jpeg is not None:
         positions = mesh.vertices[mesh.split_source]
         normals = mesh.normals[mesh.split_source]
         faces = mesh.split_faces
@@ -332,8 +381,8 @@ def _write_glb(mesh: _Mesh, png: bytes | None) -> bytes:
         "accessors": accessors,
         "bufferViews": views,
     }
-    if png is not None:
-        document["images"] = [{"bufferView": add_view(png, None), "mimeType": "image/png"}]
+    if jpeg is not None:
+        document["images"] = [{"bufferView": add_view(jpeg, None), "mimeType": "image/jpeg"}]
         document["samplers"] = [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]
         document["textures"] = [{"sampler": 0, "source": 0}]
         material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0}  # type: ignore[index]
@@ -355,11 +404,11 @@ def _write_glb(mesh: _Mesh, png: bytes | None) -> bytes:
 # OBJ (zip of OBJ + MTL + PNG)
 
 
-def _write_obj_zip(mesh: _Mesh, png: bytes | None) -> bytes:
+def _write_obj_zip(mesh: _Mesh, jpeg: bytes | None) -> bytes:
     """Positions are the merged vertices (so the OBJ is closed as written); texture coordinates are
     the split ones, referenced per face corner."""
     parts = [f"# ORFEAS\nmtllib {MTL_NAME}\no model\n".encode()]
-    if png is not None:
+    if jpeg is not None:
         parts.append(_format_rows(b"v", [mesh.vertices]))
         uv = mesh.split_uv.astype(np.float64).copy()
         uv[:, 1] = 1.0 - uv[:, 1]  # OBJ puts the texture origin at the bottom-left
@@ -385,8 +434,8 @@ def _write_obj_zip(mesh: _Mesh, png: bytes | None) -> bytes:
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr(_zip_entry(OBJ_NAME, zipfile.ZIP_DEFLATED), b"".join(parts), compresslevel=1)
         archive.writestr(_zip_entry(MTL_NAME, zipfile.ZIP_DEFLATED), material, compresslevel=1)
-        if png is not None:
-            archive.writestr(_zip_entry(TEXTURE_NAME, zipfile.ZIP_STORED), png)
+        if jpeg is not None:
+            archive.writestr(_zip_entry(TEXTURE_NAME, zipfile.ZIP_STORED), jpeg)
     return buffer.getvalue()
 
 
@@ -467,42 +516,3 @@ def _format_faces(corners: np.ndarray, per_corner: int, skip_texture: bool = Fal
     return _assemble(columns)
 
 
-# ----------------------------------------------------------------------------------------------
-# STL and PLY
-
-
-def _write_stl(mesh: _Mesh) -> bytes:
-    corners = mesh.vertices[mesh.faces].astype(np.float64)
-    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-20)
-    records = np.zeros(len(mesh.faces), np.dtype([("normal", "<f4", (3,)), ("corners", "<f4", (3, 3)),
-                                                   ("attributes", "<u2")]))
-    records["normal"] = normals
-    records["corners"] = corners
-    header = b"ORFEAS binary STL".ljust(80, b" ")
-    return header + struct.pack("<I", len(records)) + records.tobytes()
-
-
-def _write_ply(mesh: _Mesh) -> bytes:
-    vertex_records = np.zeros(len(mesh.vertices), np.dtype([
-        ("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-        ("nx", "<f4"), ("ny", "<f4"), ("nz", "<f4"),
-        ("red", "u1"), ("green", "u1"), ("blue", "u1"), ("alpha", "u1"),
-    ]))
-    for index, axis in enumerate("xyz"):
-        vertex_records[axis] = mesh.vertices[:, index]
-        vertex_records["n" + axis] = mesh.normals[:, index]
-    for index, channel in enumerate(("red", "green", "blue", "alpha")):
-        vertex_records[channel] = mesh.colors[:, index]
-    face_records = np.zeros(len(mesh.faces), np.dtype([("count", "u1"), ("corners", "<i4", (3,))]))
-    face_records["count"] = 3
-    face_records["corners"] = mesh.faces
-    header = (
-        "ply\nformat binary_little_endian 1.0\ncomment ORFEAS\n"
-        f"element vertex {len(vertex_records)}\n"
-        "property float x\nproperty float y\nproperty float z\n"
-        "property float nx\nproperty float ny\nproperty float nz\n"
-        "property uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
-        f"element face {len(face_records)}\nproperty list uchar int vertex_indices\nend_header\n"
-    ).encode()
-    return header + vertex_records.tobytes() + face_records.tobytes()

@@ -9,7 +9,9 @@ backend, so their ranges and defaults are per backend (BACKEND_PARAMETERS):
 for `inflate` the reconstruction grid and the solver's iteration cap, for
 `hunyuan3d` the octree resolution of the decoded volume, the denoising steps
 and the classifier-free guidance scale. `inflate` has no guidance: its
-guidance_scale is always 0.
+guidance_scale is always 0. A backend with weights may change its default
+steps by the variant it has loaded (VARIANT_STEPS: hunyuan3d's turbo
+models default to 5); the ranges stay the backend's.
 """
 from __future__ import annotations
 
@@ -69,6 +71,28 @@ BACKEND_PARAMETERS: dict[str, BackendParameters] = {
 }
 
 
+# hunyuan3d's variants (read from its checkpoint's config, backends/hunyuan3d_variant.py) and the denoising
+# steps each takes by default: the step-distilled (turbo) models are trained for 5, the others keep 30.
+HUNYUAN3D_VARIANT_STEPS: dict[str, int] = {
+    "standard": 30,
+    "fast": 30,
+    "mini": 30,
+    "mini-fast": 30,
+    "turbo": 5,
+    "mini-turbo": 5,
+}
+VARIANT_STEPS: dict[str, dict[str, int]] = {"hunyuan3d": HUNYUAN3D_VARIANT_STEPS}
+
+
+def variant_parameters(backend: str, variant: str) -> BackendParameters:
+    """A backend's ranges with the defaults of the variant it has loaded ("" or an unknown variant: its own)."""
+    spec = BACKEND_PARAMETERS[backend]
+    steps = VARIANT_STEPS.get(backend, {}).get(variant)
+    if steps is None or steps == spec.steps.default:
+        return spec
+    return replace(spec, steps=replace(spec.steps, default=steps))
+
+
 def backend_names() -> tuple[str, ...]:
     return tuple(BACKEND_PARAMETERS)
 
@@ -121,9 +145,10 @@ class GenerationParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def backend_defaults(backend: str) -> GenerationParams:
-    """GenerationParams with the backend's own defaults for resolution, steps and guidance_scale."""
-    spec = BACKEND_PARAMETERS.get(backend)
+def backend_defaults(backend: str, spec: BackendParameters | None = None) -> GenerationParams:
+    """GenerationParams with the backend's own defaults for resolution, steps and guidance_scale: those of
+    `spec` when given (the loaded variant's, from variant_parameters), else the backend's registered ones."""
+    spec = spec if spec is not None and spec.name == backend else BACKEND_PARAMETERS.get(backend)
     if spec is None:
         return GenerationParams(backend=backend)
     return GenerationParams(

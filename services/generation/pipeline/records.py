@@ -85,7 +85,7 @@ class TexturedShape:
 
 @dataclass
 class ExportedMesh:
-    """mesh_export's output: every format's file bytes and the mesh statistics."""
+    """mesh_export's output: the asked-for formats' file bytes, the source of the others, the statistics."""
 
     files: dict[str, bytes]  # format ("glb", "obj", "stl", "ply") -> file bytes
     vertices: int
@@ -93,3 +93,5 @@ class ExportedMesh:
     watertight: bool
     volume: float
     extents: tuple[float, float, float]
+    # The final mesh and texture, packed: any format not in `files` is written from it on request.
+    source: bytes = b""

@@ -3,6 +3,7 @@ worker runs the same stages with batching and events around them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -12,7 +13,7 @@ from services.generation.backends.registry import BackendSet
 from services.generation.pipeline.image_loading import load_image
 from services.generation.pipeline.image_preprocessing import prepare_image
 from services.generation.pipeline.mesh_export import export_mesh
-from services.generation.pipeline.params import FORMATS, GenerationParams, validate
+from services.generation.pipeline.params import GenerationParams, validate
 from services.generation.pipeline.records import ExportedMesh
 from services.generation.pipeline.texture_synthesis import synthesize_texture
 
@@ -27,8 +28,12 @@ def run_pipeline(
     device: torch.device | None = None,
     backends: BackendSet | None = None,
     substages: dict[str, float] | None = None,
+    formats: Sequence[str] | None = None,
 ) -> tuple[ExportedMesh, dict[str, float]]:
-    """Run the five stages; returns the export (every format) and each stage's seconds.
+    """Run the five stages; returns the export and each stage's seconds.
+
+    formats: what mesh_export writes; by default the job's own format only, as the service does
+    (the source in the export writes any other).
 
     backends: the loaded backends to use (hunyuan3d needs them); by default inflate only.
     substages: filled, when given, with the backend's own parts of shape_generation in seconds
@@ -73,7 +78,7 @@ def run_pipeline(
     timings["texture_synthesis"] = _lap(start)
 
     start = time.perf_counter()
-    exported = export_mesh(textured, face_count=params.face_count, formats=FORMATS)
+    exported = export_mesh(textured, face_count=params.face_count, formats=formats or (params.format,))
     timings["mesh_export"] = _lap(start)
     return exported, timings
 
