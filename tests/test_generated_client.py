@@ -38,7 +38,12 @@ def api(stack, tmp_path_factory) -> Iterator[ModuleType]:
     where = tmp_path_factory.mktemp("generated")
     config = where / "config.yaml"
     # No post hooks: the generator would otherwise run ruff over its output, which changes nothing it needs.
-    config.write_text(f"post_hooks: []\npackage_name_override: {PACKAGE}\n")
+    # A PNG (the cut-out) is a file like any other to this generator, which knows octet-stream files only:
+    # its own content_type_overrides setting says so, as a team generating the client would.
+    config.write_text(
+        f"post_hooks: []\npackage_name_override: {PACKAGE}\n"
+        "content_type_overrides:\n  image/png: application/octet-stream\n"
+    )
     result = subprocess.run(
         [GENERATOR, "generate", "--url", f"{stack.gateway_url}/openapi.json", "--meta", "none",
          "--output-path", str(where / PACKAGE), "--config", str(config)],

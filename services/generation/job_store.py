@@ -21,11 +21,19 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from services.common.errors import Unavailable
+# The records and transitions live in store.py (shared with the PostgreSQL store); imported from here too.
+from services.generation.store import (  # noqa: F401 - re-exported
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Applied,
+    Change,
+    Event,
+    JobRecord,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +88,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-ACTIVE_STATUSES = ("queued", "running")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 JOB_COLUMNS = (
     "id", "request_id", "payload_sha256", "status", "params", "stage", "progress", "stage_timings", "result",
     "error_code", "error_message", "attempts", "deadline", "cancel_on_disconnect", "created_at", "started_at",
@@ -89,78 +95,9 @@ JOB_COLUMNS = (
 )  # fmt: skip
 
 
-class StoreUnavailable(Unavailable):
-    """The job database cannot take a write now (locked by another process, or the disk is full)."""
-
-    def __init__(self, message: str, disk_full: bool = False) -> None:
-        super().__init__(f"storage: {message}")
-        self.disk_full = disk_full
-
-
-@dataclass
-class JobRecord:
-    id: str
-    status: str  # queued, running, succeeded, failed, cancelled (see lifecycle.py)
-    params: dict[str, Any]
-    payload_sha256: str
-    created_at: float
-    request_id: str | None = None
-    stage: str = ""
-    progress: float = 0.0
-    stage_timings: dict[str, float] = field(default_factory=dict)
-    result: dict[str, Any] | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    attempts: int = 0
-    deadline: float | None = None
-    cancel_on_disconnect: bool = False
-    started_at: float | None = None
-    finished_at: float | None = None
-    cancel_requested: bool = False
-    # Set while a worker runs the job: only that claim may move it on.
-    claim_token: str | None = None
-    # Bumped by every committed change.
-    version: int = 0
-    # The worker that claimed the job and its device ("cuda:1", "cpu"); kept once it ends, so a
-    # finished job says where it ran. None while queued.
-    worker_id: str | None = None
-    device: str | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
-
-
-class Event(Protocol):
-    """What the store needs of an event (a GenerationEvent): its number, and its bytes."""
-
-    sequence: int
-
-    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
-
-
-@dataclass
-class Change:
-    """One job's transition: applied only when `expect` holds for the committed record.
-
-    `change` returns the next record (or None for "nothing to do"); `event`
-    makes the event that reports it, numbered by the store.
-    """
-
-    job_id: str
-    expect: Callable[[JobRecord], bool]
-    change: Callable[[JobRecord], JobRecord | None]
-    event: Callable[[JobRecord], Event | None] | None = None
-
-
-@dataclass
-class Applied:
-    before: JobRecord
-    after: JobRecord
-    event: Event | None
-
-
 class JobStore:
+    """The SQLite implementation of services/generation/store.py's JobStore."""
+
     def __init__(self, path: Path, lock_wait_s: float = 30.0, busy_timeout_ms: int = 250) -> None:
         self.path = path
         self.lock_wait_s = lock_wait_s
@@ -379,9 +316,11 @@ class JobStore:
         )
         return (row["reason"], row["expired_at"]) if row else None
 
-    async def events(self, job_id: str) -> list[bytes]:
+    async def events(self, job_id: str, after: int = 0) -> list[bytes]:
         rows = await self._read(
-            lambda db: db.execute("SELECT data FROM events WHERE job_id=? ORDER BY seq", (job_id,)).fetchall()
+            lambda db: db.execute(
+                "SELECT data FROM events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, after)
+            ).fetchall()
         )
         return [bytes(r["data"]) for r in rows]
 

@@ -7,7 +7,7 @@
 
 Every change is a pure function from the committed record to the next one;
 the store applies it inside one transaction together with the event that
-reports it (job_store.py), and only then do memory, watchers and metrics
+reports it (store.py: SQLite or PostgreSQL), and only then do memory, watchers and metrics
 learn of it (jobs.py). Terminal states are final: no transition leaves them
 and no event follows the terminal one.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from services.generation.job_store import JobRecord
+from services.generation.store import JobRecord
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
