@@ -35,7 +35,7 @@ import torch
 from bench import hunyuan3d_variants
 from bench.common import STAGES, fmt_bytes, fmt_s, generate_via_gateway, median, metric_sum, own_stack, photo_png
 from services.common.config import HunyuanConfig
-from services.generation.backends.base import BatchTimings, ShapeItem, ShapeSettings
+from services.generation.backends.base import ShapeItem, ShapeSettings
 from services.generation.backends.registry import BackendSet
 from services.generation.pipeline.image_loading import load_image
 from services.generation.pipeline.image_preprocessing import prepare_image
@@ -132,11 +132,11 @@ def _in_process(folder: Path, device: torch.device, resolution: int, steps: int,
     for _ in range(repeats):
         total = 0.0
         for item in items:
-            seconds, peak, _ = _timed_call(backend, [item], settings, device)
+            seconds, peak, _ = hunyuan3d_variants.timed_call(backend, [item], settings, device)
             total += seconds
             alone_peak = max(alone_peak, peak)
         alone_s.append(total)
-        seconds, peak, parts = _timed_call(backend, items, settings, device)
+        seconds, peak, parts = hunyuan3d_variants.timed_call(backend, items, settings, device)
         batched_s.append(seconds)
         batched_peak = max(batched_peak, peak)
         batched_parts.append(parts)
@@ -164,27 +164,6 @@ def _in_process(folder: Path, device: torch.device, resolution: int, steps: int,
             resident_bytes=torch.cuda.memory_allocated(device),
         )
     return result
-
-
-def _timed_call(backend: Any, items: list[ShapeItem], settings: ShapeSettings,
-                device: torch.device) -> tuple[float, int, dict[str, float]]:
-    """(seconds, peak bytes above the resident weights on CUDA, sub-stages) of one generate_batch call."""
-    timings = BatchTimings()
-    resident = 0
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        resident = torch.cuda.memory_allocated(device)
-    started = time.perf_counter()
-    shapes = backend.generate_batch(items, settings, device=device, timings=timings)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    failures = [s for s in shapes if isinstance(s, Exception)]
-    if failures:
-        raise RuntimeError(f"{len(failures)} of {len(items)} objects failed: {failures[0]}")
-    peak = torch.cuda.max_memory_allocated(device) - resident if device.type == "cuda" else 0
-    return seconds, peak, dict(timings.substages)
 
 
 def _served(folder: Path, resolutions: tuple[int, ...], steps: int, jobs: int, face_count: int) -> dict[str, Any]:

@@ -143,7 +143,7 @@ class _Loaded:
         return cls(variant, backends, backends.get("hunyuan3d", device), settings)
 
     def call(self, items: list[ShapeItem], device: torch.device) -> tuple[float, int, dict[str, float]]:
-        return _timed(self.backend, items, self.settings, device)
+        return timed_call(self.backend, items, self.settings, device)
 
     def result(self, items: list[ShapeItem], resolution: int) -> dict[str, Any]:
         status = next(s for s in self.backends.statuses() if s.name == "hunyuan3d")
@@ -166,8 +166,9 @@ class _Loaded:
         return result
 
 
-def _timed(backend: Any, items: list[ShapeItem], settings: ShapeSettings,
-           device: torch.device) -> tuple[float, int, dict[str, float]]:
+def timed_call(backend: Any, items: list[ShapeItem], settings: ShapeSettings,
+               device: torch.device) -> tuple[float, int, dict[str, float]]:
+    """(seconds, peak bytes above the resident weights on CUDA, sub-stages) of one generate_batch call."""
     timings = BatchTimings()
     resident = 0
     if device.type == "cuda":

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from services.common.logging_setup import read_log
-from services.stack import MODULES, ROOT, free_port
+from services.stack import MODULES, PART_VARIABLE, ROOT, free_port
 
 PART_OF_MODULE = {module: name for name, module in MODULES.items()}
 
@@ -35,13 +35,19 @@ def children_of(pid: int) -> list[int]:
 
 
 def part_of(pid: int) -> str | None:
-    """Which part a process runs, from its command line (`python -m services.telemetry.server`)."""
+    """Which part a process runs: the ORFEAS_PART the launcher gave it (`generation-2`), else its command
+    line (`python -m services.telemetry.server`)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return None  # exited, not yet reaped
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
+    marker = f"{PART_VARIABLE}=".encode()
+    for entry in environ:
+        if entry.startswith(marker):
+            return entry[len(marker):].decode()
     if "-m" in argv and argv.index("-m") + 1 < len(argv):
         return PART_OF_MODULE.get(argv[argv.index("-m") + 1])
     return None

@@ -74,6 +74,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         from bench import exporters
 
         rows += exporters.summary_rows(results["exporters"])
+    if results.get("postgres"):
+        from bench import postgres
+
+        rows += postgres.summary_rows(results["postgres"])
     leak = results.get("leak")
     if leak:
         growth = leak["growth_bytes"].get("generation", 0)
@@ -132,6 +136,10 @@ def markdown(results: dict[str, Any]) -> str:
         from bench import exporters
 
         parts += exporters.markdown(results["exporters"])
+    if results.get("postgres"):
+        from bench import postgres
+
+        parts += postgres.markdown(results["postgres"])
     parts += [_notes(results)]
     return "\n".join(parts) + "\n"
 

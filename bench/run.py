@@ -25,7 +25,7 @@ import psutil
 from bench import report
 from bench.common import BENCH_DIR, machine
 
-SUITES = ("latency", "batching", "devices", "resolution", "leak", "hunyuan3d", "cutout", "exporters")
+SUITES = ("latency", "batching", "devices", "resolution", "leak", "hunyuan3d", "cutout", "exporters", "postgres")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -149,6 +149,12 @@ def _run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench import exporters
 
         return exporters.run(repeats=3 if args.quick else 7)
+    if suite == "postgres":
+        from bench import postgres
+
+        if args.quick:
+            return postgres.run(jobs=8, repeats=1, store_jobs=50, backlog=2_000, samples=80)
+        return postgres.run()
     if suite == "hunyuan3d":
         from bench import hunyuan3d
 

@@ -41,6 +41,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 SETTLE_S = 5.0
 RESERVE_MB = 24
 DISK_MB = 160
+ARTIFACT_BUDGET_MB = 48
 
 
 @dataclass
@@ -225,6 +226,7 @@ class SoakReport:
     refused: dict[int, int]
     stuck: list[str]
     lost: list[str]
+    expired: int
     faults: dict[str, int]
     p95_quiet_s: float | None
     quiet_jobs: int
@@ -253,6 +255,7 @@ follow each job to its end, and retry what a fault interrupted with the same Ide
 | refused, by HTTP status | {refused} |
 | **stuck** (accepted, never ended) | **{len(self.stuck)}** |
 | **lost** (accepted, then unknown) | **{len(self.lost)}** |
+| ended, then removed by the artifact budget ({ARTIFACT_BUDGET_MB} MB; a tombstone says so) | {self.expired} |
 | p95 latency outside fault windows (submit to end) | {p95} |
 
 A refusal is a clean, temporary answer (507 while the disk is below its reserve, 503 while a service
@@ -278,6 +281,10 @@ def run_soak(seconds: float, seed: int = 7, work_dir: Path | None = None, log_ro
             "GENERATION_EXPORT_INLINE_MAX_FACES": "0",
             "GENERATION_GRACE_PERIOD_S": "5",
             "GENERATION_QUEUE_LIMIT": "16",
+            # Finished jobs' files go oldest first beyond this, as an operator sizes it for the disk: the
+            # soak then runs for as long as asked instead of filling its small disk for good.
+            "GENERATION_ARTIFACT_BUDGET_MB": str(ARTIFACT_BUDGET_MB),
+            "GENERATION_RETENTION_INTERVAL_S": "2",
             "SUPERVISOR_BACKOFF_INITIAL_S": "0.2",
             "SUPERVISOR_MAX_RESTARTS": "1000",
         },
@@ -298,19 +305,21 @@ def run_soak(seconds: float, seed: int = 7, work_dir: Path | None = None, log_ro
         for client in clients:
             client.join(60)
         elapsed = time.time() - began
-        stuck, lost = _final_check(launcher, tally)
+        stuck, lost, expired = _final_check(launcher, tally)
     finally:
         launcher.close()
         if disk is not None:
             subprocess.run(["umount", "-l", str(disk)], check=False)
         shutil.rmtree(work, ignore_errors=True)
-    return _report(tally, elapsed, disk is not None, stuck, lost)
+    return _report(tally, elapsed, disk is not None, stuck, lost, expired)
 
 
-def _final_check(launcher: Launcher, tally: Tally) -> tuple[list[str], list[str]]:
-    """Every accepted job must end (within two minutes of the load stopping) and still be known."""
+def _final_check(launcher: Launcher, tally: Tally) -> tuple[list[str], list[str], int]:
+    """Every accepted job must end (within two minutes of the load stopping) and still be known: as itself,
+    or, when the artifact budget removed its files, as a tombstone saying so (counted, not lost)."""
     stuck: list[str] = []
     lost: list[str] = []
+    expired = 0
     deadline = time.monotonic() + 120
     with httpx.Client(base_url=launcher.url, timeout=30) as http:
         for job in tally.jobs.values():
@@ -320,7 +329,10 @@ def _final_check(launcher: Launcher, tally: Tally) -> tuple[list[str], list[str]
                 except httpx.TransportError:
                     response = None
                 if response is not None and response.status_code == 404:
-                    lost.append(job.id)
+                    if "expired" in response.json()["error"]["message"]:
+                        expired += 1  # retention removes finished jobs only: it ended, then its files went
+                    else:
+                        lost.append(job.id)
                     break
                 if response is not None and response.status_code == 200:
                     body = response.json()
@@ -333,10 +345,12 @@ def _final_check(launcher: Launcher, tally: Tally) -> tuple[list[str], list[str]
                     stuck.append(job.id)
                     break
                 time.sleep(0.3)
-    return stuck, lost
+    return stuck, lost, expired
 
 
-def _report(tally: Tally, elapsed: float, disk_faults: bool, stuck: list[str], lost: list[str]) -> SoakReport:
+def _report(
+    tally: Tally, elapsed: float, disk_faults: bool, stuck: list[str], lost: list[str], expired: int
+) -> SoakReport:
     jobs = list(tally.jobs.values())
     windows = [(start, end + SETTLE_S) for _, start, end in tally.faults]
     quiet = [
@@ -356,6 +370,7 @@ def _report(tally: Tally, elapsed: float, disk_faults: bool, stuck: list[str], l
         refused=dict(tally.refused),
         stuck=stuck,
         lost=lost,
+        expired=expired,
         faults=dict(Counter(kind for kind, _, _ in tally.faults)),
         p95_quiet_s=p95,
         quiet_jobs=len(quiet),

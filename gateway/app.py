@@ -29,7 +29,15 @@ from gateway.studio import mount_studio
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
 from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
 from services.common.config import GatewayConfig, SecurityConfig
-from services.common.grpc_security import create_channel
+from services.common.grpc_security import balancing_options, create_channel
+
+GENERATION_SERVICE = "orfeas.generation.v1.GenerationService"
+# The calls that only read (or, as Cancel, may be repeated): tried again on another instance when theirs
+# went away before answering. Submit and Generate are not, lest a job be queued twice.
+RETRIED_GENERATION_METHODS = (
+    "GetGeneration", "ListGenerations", "WatchGeneration", "DownloadResult", "DownloadCutout",
+    "CancelGeneration", "GetServiceStatus", "ListBackends",
+)
 
 TITLE = "ORFEAS 2D→3D"
 API_VERSION = "1.0"
@@ -46,7 +54,12 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         security = SecurityConfig.from_env()
-        generation_channel = create_channel(config.generation_address, security)
+        # Round robin over every generation instance the address names (see balancing_options).
+        generation_channel = create_channel(
+            config.generation_address,
+            security,
+            balancing_options(config.generation_address, GENERATION_SERVICE, RETRIED_GENERATION_METHODS),
+        )
         telemetry_channel = create_channel(config.telemetry_address, security)
         app.state.generation = pb_grpc.GenerationServiceStub(generation_channel)
         app.state.generation_health = health_pb2_grpc.HealthStub(generation_channel)

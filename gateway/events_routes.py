@@ -4,6 +4,12 @@ Both replay the job's past events first, then the live ones, and end after
 the terminal event (`succeeded`, `failed` or `cancelled`). The WebSocket is
 not an HTTP operation, so the document describes it on a GET of its path,
 which answers a plain HTTP request with 426 Upgrade Required.
+
+A stream outlives the generation instance serving it: when that instance goes
+away (killed, or restarting), the gateway asks again for the events after the
+last one it delivered, on another instance or on the same one once it is back
+(ResumingWatch), for up to GATEWAY_STREAM_RESUME_S; no event is lost or sent
+twice. Only after that does the stream end with an `error` event.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from gateway.generations_routes import SERVICE_ERRORS, GenerationId, read_first
 from gateway.metrics import subscriber
 from gateway.models.errors import ErrorBody
 from pb.orfeas.generation.v1 import generation_pb2 as pb
+from services.common import metrics
 
 router = APIRouter(prefix="/api/v1/generations", tags=["events"], route_class=ContractRoute)
 
@@ -89,13 +96,12 @@ async def follow_generation_events(
 ) -> StreamingResponse:
     digits = last_event_id is not None and last_event_id.isdigit() and len(last_event_id) <= MAX_SEQUENCE_DIGITS
     after = int(last_event_id) if digits and last_event_id else 0
-    grpc_call = request.app.state.generation.WatchGeneration(
-        pb.WatchGenerationRequest(id=generation_id, after_sequence=after)
-    )
+    config = request.app.state.config
+    watch = ResumingWatch(request.app.state.generation, generation_id, after, config.stream_resume_s, "sse")
     # None: resumed after the job's last event, so the stream has nothing more to say.
-    first = await read_first(grpc_call)
+    first = await read_first(watch)
     return StreamingResponse(
-        _sse(grpc_call, first, after, request.app.state.config.sse_keepalive_s),
+        _sse(watch, first, after, config.sse_keepalive_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -126,7 +132,8 @@ async def generation_events_websocket(generation_id: GenerationId) -> None:
 async def events_websocket(websocket: WebSocket) -> None:
     generation_id = websocket.path_params["id"]
     await websocket.accept()
-    grpc_call = websocket.app.state.generation.WatchGeneration(pb.WatchGenerationRequest(id=generation_id))
+    resume_s = websocket.app.state.config.stream_resume_s
+    grpc_call = ResumingWatch(websocket.app.state.generation, generation_id, 0, resume_s, "websocket")
     # A client that goes away is noticed at once, not at the next event (which may be minutes off).
     gone = asyncio.ensure_future(_until_disconnected(websocket))
     with subscriber("websocket"):
@@ -145,6 +152,69 @@ async def events_websocket(websocket: WebSocket) -> None:
         finally:
             grpc_call.cancel()
             gone.cancel()
+
+
+class ResumingWatch:
+    """A WatchGeneration call that survives its instance: `read()` as grpc.aio's, resumed after the last event
+    read when the instance goes away (UNAVAILABLE), for up to resume_s at a time.
+
+    The new call waits until some instance answers for the job (a GetGeneration that waits for a ready
+    instance), then asks for the events after the last one delivered, so none is lost or repeated.
+    """
+
+    def __init__(self, stub: Any, generation_id: str, after: int, resume_s: float, transport: str) -> None:
+        self.stub = stub
+        self.generation_id = generation_id
+        self.last = after
+        self.resume_s = resume_s
+        self.transport = transport
+        self.call = self._watch()
+
+    def _watch(self) -> Any:
+        return self.stub.WatchGeneration(pb.WatchGenerationRequest(id=self.generation_id, after_sequence=self.last))
+
+    async def read(self) -> Any:
+        give_up_at: float | None = None
+        while True:
+            try:
+                message = await self.call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                now = asyncio.get_running_loop().time()
+                give_up_at = give_up_at or now + self.resume_s
+                if now >= give_up_at or not await self._instance_answers(give_up_at - now):
+                    raise
+                self.call.cancel()
+                self.call = self._watch()
+                metrics.stream_resumed(self.transport)
+                continue
+            if message is grpc.aio.EOF:
+                return message
+            if message.sequence <= self.last:
+                continue  # never twice
+            self.last = message.sequence
+            return message
+
+    async def _instance_answers(self, within_s: float) -> bool:
+        """Wait (up to within_s) for an instance that answers for the job; False when none did."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + within_s
+        while (remaining := give_up_at - loop.time()) > 0:
+            try:
+                await self.stub.GetGeneration(
+                    pb.GetGenerationRequest(id=self.generation_id), wait_for_ready=True, timeout=max(0.1, remaining)
+                )
+                return True
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                # An instance that answers UNAVAILABLE (draining, or its database away): ask again shortly.
+                await asyncio.sleep(min(0.25, max(0.0, give_up_at - loop.time())))
+        return False
+
+    def cancel(self) -> None:
+        self.call.cancel()
 
 
 def _error_body(err: ApiError) -> dict[str, Any]:

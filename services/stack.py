@@ -4,6 +4,12 @@
 that dies is started again with back-off while the others keep serving, and one
 that crashes in a loop is given up on alone. `Stack` is also what the tests and
 benchmarks use to start the real stack on free loopback ports.
+
+With GENERATION_INSTANCES=N (N > 1) there are N generation parts, `generation-1` ...
+`generation-N`, on GENERATION_PORT, +1, ... (metrics on GENERATION_METRICS_PORT, +10,
++20, ...), sharing DATA_DIR's results and one PostgreSQL: GENERATION_DATABASE_URL's, or
+else a private cluster under DATA_DIR/postgres that runs as the `postgres` part
+(services/postgres_local.py) and stops last. The gateway balances over all of them.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -26,7 +33,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.config import GenerationConfig, SecurityConfig, SupervisorConfig
 from services.common.grpc_security import sync_channel
 from services.common.logging_setup import setup_logging
-from services.supervisor import STOP_ORDER, State, Supervisor
+from services.common.postgres import describe
+from services.postgres_local import LocalPostgres, PostgresMissing
+from services.supervisor import State, Supervisor, stop_stage
 
 log = logging.getLogger("services.stack")
 
@@ -36,7 +45,18 @@ MODULES: dict[str, str] = {
     "telemetry": "services.telemetry.server",
     "generation": "services.generation.server",
     "gateway": "gateway.server",
+    "postgres": "services.postgres_local",
 }
+# Each generation instance after the first has its metrics this much higher (9101, 9111, 9121, ...),
+# clear of telemetry's 9102.
+METRICS_PORT_STEP = 10
+# Set in every part's environment: which part it is (bench/launcher.py finds the parts by it).
+PART_VARIABLE = "ORFEAS_PART"
+
+
+def module_of(part: str) -> str:
+    """The module a part runs: `generation-2` is a generation instance."""
+    return MODULES[part.split("-", 1)[0]]
 
 
 _PR_SET_DEATHSIG = 1
@@ -69,6 +89,26 @@ class Stack:
     # The launcher's children: in their own process groups, SIGTERMed if the launcher dies.
     detached: bool = False
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Generation processes, on generation_port, +1, ...; more than one needs database_url or `postgres`.
+    generation_instances: int = 1
+    # The PostgreSQL every generation instance shares (empty: SQLite, one instance).
+    database_url: str = ""
+    # A private cluster run as the `postgres` part (services/postgres_local.py), or None.
+    postgres: LocalPostgres | None = None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Every part, in the order they start."""
+        return (("postgres",) if self.postgres else ()) + ("telemetry", *self.generation_parts, "gateway")
+
+    @property
+    def generation_parts(self) -> tuple[str, ...]:
+        if self.generation_instances == 1:
+            return ("generation",)
+        return tuple(f"generation-{i}" for i in range(1, self.generation_instances + 1))
+
+    def generation_port_of(self, part: str) -> int:
+        return self.generation_port + self.generation_parts.index(part)
 
     @property
     def gateway_url(self) -> str:
@@ -76,7 +116,14 @@ class Stack:
 
     @property
     def generation_address(self) -> str:
-        return f"127.0.0.1:{self.generation_port}"
+        """The gRPC target of every generation instance (several: the ipv4: list the gateway balances over)."""
+        if self.generation_instances == 1:
+            return f"127.0.0.1:{self.generation_port}"
+        ports = [self.generation_port_of(p) for p in self.generation_parts]
+        return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+    def instance_address(self, part: str) -> str:
+        return f"127.0.0.1:{self.generation_port_of(part)}"
 
     @property
     def telemetry_address(self) -> str:
@@ -93,7 +140,25 @@ class Stack:
             TELEMETRY_METRICS_PORT=str(self.telemetry_metrics_port),
             PYTHONUNBUFFERED="1",
         )
+        if self.database_url:
+            env["GENERATION_DATABASE_URL"] = self.database_url
+        if self.generation_instances > 1:
+            env["GATEWAY_GENERATION_ADDRESS"] = self.generation_address
         env.update(self.extra_env)
+        return env
+
+    def env_of(self, name: str) -> dict[str, str]:
+        """One part's environment: its instance's ports for a generation instance."""
+        env = self.env()
+        env[PART_VARIABLE] = name
+        if name.startswith("generation") and self.generation_instances > 1:
+            index = self.generation_parts.index(name)
+            env["GENERATION_PORT"] = str(self.generation_port + index)
+            if self.generation_metrics_port:  # 0: metrics off for every instance
+                env["GENERATION_METRICS_PORT"] = str(self.generation_metrics_port + METRICS_PORT_STEP * index)
+        if name == "postgres" and self.postgres is not None:
+            env["ORFEAS_POSTGRES_FOLDER"] = str(self.postgres.folder)
+            env["ORFEAS_POSTGRES_PORT"] = str(self.postgres.port)
         return env
 
     def start(self, name: str, wait: bool = True) -> subprocess.Popen[bytes]:
@@ -104,7 +169,7 @@ class Stack:
             out = None
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", MODULES[name]], cwd=ROOT, env=self.env(), stdout=out, stderr=out,
+                [sys.executable, "-m", module_of(name)], cwd=ROOT, env=self.env_of(name), stdout=out, stderr=out,
                 # Its own process group: Ctrl-C in the terminal reaches the launcher only, which stops
                 # the parts in order.
                 process_group=0 if self.detached else None,
@@ -119,10 +184,14 @@ class Stack:
         return proc
 
     def start_all(self) -> None:
-        for name in MODULES:
-            self.start(name, wait=False)
-        for name in MODULES:
-            self.wait_ready(name)
+        try:
+            for name in self.parts:
+                self.start(name, wait=False)
+            for name in self.parts:
+                self.wait_ready(name)
+        except BaseException:
+            self.stop_all()  # a part that could not start leaves no others behind
+            raise
 
     def wait_ready(self, name: str, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -143,7 +212,9 @@ class Stack:
                     return r.status == 200
             except OSError:
                 return False
-        port = self.generation_port if name == "generation" else self.telemetry_port
+        if name == "postgres":
+            return self._postgres_accepts()
+        port = self.generation_port_of(name) if name.startswith("generation") else self.telemetry_port
         security = SecurityConfig(
             tls_ca=self.env().get("ORFEAS_TLS_CA", ""), service_token=self.env().get("ORFEAS_SERVICE_TOKEN", "")
         )
@@ -153,6 +224,16 @@ class Stack:
             except grpc.RpcError:
                 return False
             return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _postgres_accepts(self) -> bool:
+        import psycopg
+
+        assert self.postgres is not None
+        try:
+            with psycopg.connect(self.postgres.url, connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
 
     def stop(
         self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0, urgent: Callable[[], bool] = lambda: False
@@ -176,9 +257,15 @@ class Stack:
         self.stop(name, signal.SIGKILL)
 
     def stop_all(self) -> None:
-        # The gateway first, so no new work arrives while the services drain.
-        for name in STOP_ORDER:
-            self.stop(name)
+        # The gateway first, so no new work arrives while the services drain; PostgreSQL last. The
+        # generation instances drain side by side.
+        for stage in sorted({stop_stage(name) for name in self.processes}):
+            names = [name for name in self.processes if stop_stage(name) == stage]
+            threads = [threading.Thread(target=self.stop, args=(name,)) for name in names]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
 
     # What services.supervisor.Supervisor needs of its children.
 
@@ -196,18 +283,36 @@ class Stack:
 def main() -> None:
     setup_logging("launcher")
     config = SupervisorConfig.from_env()
+    generation = GenerationConfig.from_env()
+    data_dir = Path(os.environ.get("DATA_DIR", ROOT / "data")).resolve()
     stack = Stack(
         gateway_port=int(os.environ.get("GATEWAY_PORT", "5000")),
         generation_port=int(os.environ.get("GENERATION_PORT", "50051")),
         telemetry_port=int(os.environ.get("TELEMETRY_PORT", "50052")),
-        data_dir=Path(os.environ.get("DATA_DIR", ROOT / "data")).resolve(),
+        data_dir=data_dir,
         generation_metrics_port=int(os.environ.get("GENERATION_METRICS_PORT", "9101")),
         telemetry_metrics_port=int(os.environ.get("TELEMETRY_METRICS_PORT", "9102")),
         detached=True,
+        generation_instances=max(1, generation.instances),
+        database_url=generation.database_url,
     )
+    if stack.generation_instances > 1 and not stack.database_url:
+        # Several instances share one queue: without a server of the operator's, a private one.
+        stack.postgres = LocalPostgres(data_dir / "postgres", config.postgres_port or free_port())
+        try:
+            stack.postgres.prepare()
+        except PostgresMissing as exc:
+            log.error("cannot start %d generation instances: %s", stack.generation_instances, exc)
+            sys.exit(2)
+        stack.database_url = stack.postgres.url
     # Generation drains its running batches for its grace period before it stops.
-    generation_stop_s = GenerationConfig.from_env().grace_period_s + config.stop_timeout_s
-    supervisor = Supervisor(stack, tuple(MODULES), config, stop_timeouts_s={"generation": generation_stop_s})
+    generation_stop_s = generation.grace_period_s + config.stop_timeout_s
+    supervisor = Supervisor(
+        stack,
+        stack.parts,
+        config,
+        stop_timeouts_s={name: generation_stop_s for name in stack.generation_parts},
+    )
     signals = 0
 
     def _signal(signum: int, _frame: object) -> None:
@@ -239,10 +344,16 @@ def main() -> None:
 
 def _announce(stack: Stack, supervisor: Supervisor) -> None:
     down = [p.name for p in supervisor.parts.values() if p.state != State.UP]
+    database = ""
+    if stack.postgres is not None:
+        database = f"  job database         PostgreSQL (private) on 127.0.0.1:{stack.postgres.port}\n"
+    elif stack.database_url:
+        database = f"  job database         PostgreSQL at {describe(stack.database_url)}\n"
     print(
         f"\nORFEAS is up:\n  Studio and REST API  {stack.gateway_url}/\n"
         f"  API docs             {stack.gateway_url}/docs\n"
         f"  generation (gRPC)    {stack.generation_address}\n"
+        f"{database}"
         f"  telemetry (gRPC)     {stack.telemetry_address}\n"
         f"  data                 {stack.data_dir}\n"
         + (f"  NOT running (crashed in a loop, or a setting it cannot start with): {', '.join(down)}\n" if down else "")

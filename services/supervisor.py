@@ -8,8 +8,8 @@ calls `Supervisor.poll()` a few times a second:
 - more than `max_restarts` exits within `restart_window_s` is a crash loop: the launcher
   says so plainly and gives up on that part only;
 - `stop()` (Ctrl-C, SIGTERM) stops them in order: the gateway first, so no new work
-  arrives, then generation with its grace period, then telemetry, which generation
-  reports to until the end.
+  arrives, then generation with its grace period (several instances side by side),
+  then telemetry, which generation reports to until the end, then a private PostgreSQL.
 
 Nothing here knows what a part does: they are started by module name (services.stack.MODULES)
 and checked through their health endpoints.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,8 +30,15 @@ from services.common.config import SupervisorConfig
 
 log = logging.getLogger("services.supervisor")
 
-# The order the parts stop in: the gateway first, telemetry (which generation reports to) last.
-STOP_ORDER: tuple[str, ...] = ("gateway", "generation", "telemetry")
+# The order the parts stop in: the gateway first, telemetry (which generation reports to) after the
+# services, the database they all write to last. `generation-2` stops with `generation`.
+STOP_ORDER: tuple[str, ...] = ("gateway", "generation", "telemetry", "postgres")
+
+
+def stop_stage(name: str) -> int:
+    """When a part stops: its kind's place in STOP_ORDER (parts of no known kind after them all)."""
+    kind = name.split("-", 1)[0]
+    return STOP_ORDER.index(kind) if kind in STOP_ORDER else len(STOP_ORDER)
 
 
 class State(str, Enum):
@@ -222,15 +230,29 @@ class Supervisor:
     # ----------------------------------------------------------- stopping
 
     def stop(self, urgent: Callable[[], bool] = lambda: False) -> None:
-        """Stop every part in STOP_ORDER, each given its time; `urgent()` turning true kills what is left."""
+        """Stop every part in STOP_ORDER, each given its time; `urgent()` turning true kills what is left.
+
+        Parts of one kind (the generation instances) stop side by side: each drains within its own
+        grace period, not one after the other."""
         self.stopping = True
-        for name in (*[n for n in STOP_ORDER if n in self.parts], *[n for n in self.parts if n not in STOP_ORDER]):
-            part = self.parts[name]
-            if part.state in (State.STARTING, State.UP):
-                timeout_s = self.stop_timeouts_s.get(name, self.config.stop_timeout_s)
-                log.info("stopping %s (up to %.0f s)", name, timeout_s,
-                         extra={"event": "part_stopping", "part": name, "pid": part.pid})
-                code = self.children.terminate(name, timeout_s, urgent)
-                log.info("%s stopped (%s)", name, describe_exit(code) if code is not None else "gone",
-                         extra={"event": "part_stopped", "part": name, "pid": part.pid})
-            part.state = State.STOPPED
+        for stage in sorted({stop_stage(name) for name in self.parts}):
+            names = [name for name in self.parts if stop_stage(name) == stage]
+            if len(names) == 1:
+                self._stop_part(self.parts[names[0]], urgent)
+                continue
+            threads = [threading.Thread(target=self._stop_part, args=(self.parts[n], urgent)) for n in names]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    def _stop_part(self, part: Part, urgent: Callable[[], bool]) -> None:
+        name = part.name
+        if part.state in (State.STARTING, State.UP):
+            timeout_s = self.stop_timeouts_s.get(name, self.config.stop_timeout_s)
+            log.info("stopping %s (up to %.0f s)", name, timeout_s,
+                     extra={"event": "part_stopping", "part": name, "pid": part.pid})
+            code = self.children.terminate(name, timeout_s, urgent)
+            log.info("%s stopped (%s)", name, describe_exit(code) if code is not None else "gone",
+                     extra={"event": "part_stopped", "part": name, "pid": part.pid})
+        part.state = State.STOPPED

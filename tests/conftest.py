@@ -12,6 +12,7 @@ import pytest
 
 from pb.orfeas.generation.v1 import generation_pb2_grpc
 from services.stack import Stack, free_port
+from tests.postgres_fixtures import postgres  # noqa: F401 - a session fixture: one PostgreSQL per worker, on demand
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 

@@ -300,8 +300,10 @@ def test_an_out_of_memory_split_on_one_worker_does_not_lower_the_others_ceiling(
         d for d in entries(log, "batch size decision")
         if d["ts"] > split_at and f"at {RES}²" in d["reasoning"]
     ]
-    assert {d["ceiling"] for d in decisions if d["worker_id"] == first} == {2}  # lowered where it ran out
+    # Lowered where it ran out (to 2 after a batch of 4; to 1 when a batch of 3 split as well).
+    lowered = {d["ceiling"] for d in decisions if d["worker_id"] == first}
+    assert lowered and lowered <= {1, 2}, lowered
     assert {d["ceiling"] for d in decisions if d["worker_id"] == second} == {MAX_BATCH}  # untouched
     finished = [e for e in entries(log, "job finished") if e["job_id"] in after]
     assert max(e["batch_size"] for e in finished if e["worker_id"] == second) > 2
-    assert max(e["batch_size"] for e in finished if e["worker_id"] == first) <= 2
+    assert max(e["batch_size"] for e in finished if e["worker_id"] == first) <= max(lowered)

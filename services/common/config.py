@@ -117,6 +117,29 @@ class GenerationConfig:
     # Prometheus metrics over HTTP on this port (0: off).
     metrics_port: int = 9101
     log_level: str = "INFO"
+    # --- Several instances (README "Many machines") ---
+    # PostgreSQL shared by every instance: jobs, their events and the queue (postgresql://user:pass@host/db).
+    # Empty: SQLite under DATA_DIR, for one instance.
+    database_url: str = ""
+    # Connections each instance keeps to it, and how long a call waits for one before failing UNAVAILABLE.
+    database_pool_size: int = 10
+    database_timeout_s: float = 5.0
+    # A running job's claim lasts this long unless its instance renews it (every third of it); an
+    # instance that died loses its jobs to the others after at most this long.
+    lease_s: float = 30.0
+    # On PostgreSQL, how many of the first queued jobs get a `queued` event whenever their place moves
+    # (the others learn it on the way up; a status call always gives the exact place).
+    queue_events_depth: int = 100
+    # Where results and input pictures live; every instance must reach the same folder (a shared
+    # volume). Empty: DATA_DIR/artifacts.
+    artifacts_dir: str = ""
+    # `make run` (services/stack.py) starts this many generation processes, on port, port + 1, ...;
+    # with more than one and no database_url it starts a private PostgreSQL under DATA_DIR.
+    instances: int = 1
+
+    @property
+    def artifacts_path(self) -> Path:
+        return Path(self.artifacts_dir).resolve() if self.artifacts_dir else self.data_dir / "artifacts"
 
     @staticmethod
     def from_env() -> "GenerationConfig":
@@ -179,6 +202,9 @@ class TelemetryConfig:
     # Prometheus metrics over HTTP on this port (0: off).
     metrics_port: int = 9102
     log_level: str = "INFO"
+    # PostgreSQL for the history (profiles, samples, the optimizer's observations and decisions), so the
+    # service can move between machines and keeps what it learned. Empty: SQLite under DATA_DIR.
+    database_url: str = ""
 
     @staticmethod
     def from_env() -> "TelemetryConfig":
@@ -200,6 +226,9 @@ class GatewayConfig:
     cors_origins: str = ""
     # Seconds between keep-alive comments on a quiet SSE stream (proxies drop idle connections).
     sse_keepalive_s: float = 15.0
+    # An SSE or WebSocket stream whose generation instance went away is resumed (on another instance, or
+    # on the same one once it is back) from the last event it delivered, for up to this long.
+    stream_resume_s: float = 30.0
     log_level: str = "INFO"
 
     @staticmethod
@@ -208,7 +237,11 @@ class GatewayConfig:
         updates: dict[str, Any] = {}
         gen = os.environ.get("GENERATION_PORT")
         tel = os.environ.get("TELEMETRY_PORT")
-        if gen and "GATEWAY_GENERATION_ADDRESS" not in os.environ:
+        # GENERATION_ADDRESS: a gRPC target, one instance or several ("ipv4:127.0.0.1:50061,127.0.0.1:50062",
+        # "dns:///generation-headless:50051"); the gateway balances calls over them (round_robin).
+        if "GATEWAY_GENERATION_ADDRESS" not in os.environ and os.environ.get("GENERATION_ADDRESS"):
+            updates["generation_address"] = os.environ["GENERATION_ADDRESS"]
+        elif gen and "GATEWAY_GENERATION_ADDRESS" not in os.environ:
             updates["generation_address"] = f"127.0.0.1:{int(gen)}"
         if tel and "GATEWAY_TELEMETRY_ADDRESS" not in os.environ:
             updates["telemetry_address"] = f"127.0.0.1:{int(tel)}"
@@ -234,6 +267,9 @@ class SupervisorConfig:
     stop_timeout_s: float = 15.0
     # How often the launcher looks at its children.
     poll_interval_s: float = 0.2
+    # The private PostgreSQL of GENERATION_INSTANCES > 1 without GENERATION_DATABASE_URL listens on
+    # 127.0.0.1 at this port (0: a free one, chosen at each start).
+    postgres_port: int = 0
 
     @staticmethod
     def from_env() -> "SupervisorConfig":

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,40 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
+
+
+def names_several_backends(address: str) -> bool:
+    """A target the resolver may turn into several addresses: an ipv4:/ipv6: list, or a name (dns:///...)."""
+    scheme = address.split(":", 1)[0]
+    return scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in address)
+
+
+def balancing_options(address: str, service: str, retried_methods: Sequence[str]) -> list[tuple[str, Any]]:
+    """Channel options that spread calls over every instance behind `address` with gRPC's round_robin.
+
+    With several instances the channel also watches each one's gRPC health (`service`), so an instance
+    that is draining (NOT_SERVING) or gone takes no new calls; calls that read (retried_methods) are
+    tried again, on another instance, when the one they reached went away before answering (UNAVAILABLE).
+    One plain host:port keeps the health of today: its calls are served while it drains.
+    """
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": service, "method": method} for method in retried_methods],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+    if names_several_backends(address):
+        config["healthCheckConfig"] = {"serviceName": service}
+    return [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

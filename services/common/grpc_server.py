@@ -4,6 +4,7 @@ exceptions into statuses, health checking, reflection, and a clean start/stop.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
@@ -65,6 +66,22 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream and not inspect.isasyncgenfunction(handler.unary_stream):
+            # A handler that writes with context.write() (the health service's Watch, which gRPC's client-side
+            # health checking calls): awaited, not iterated.
+            inner_writer = handler.unary_stream
+
+            async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await inner_writer(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer, handler.request_deserializer, handler.response_serializer
             )
         if handler.unary_stream:
             inner_us = handler.unary_stream

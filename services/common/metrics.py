@@ -169,6 +169,12 @@ EVENT_SUBSCRIBERS = Gauge(
     "Clients following a job's events now, by transport (sse, websocket)",
     ["transport"],
 )
+EVENT_STREAM_RESUMES = Counter(
+    "orfeas_event_stream_resumes",
+    "Event streams whose generation instance went away, resumed from their last event (on another instance "
+    "or the same one back), by transport (sse, websocket)",
+    ["transport"],
+)
 
 # ------------------------------------------------------------------------- jobs
 JOBS = Counter("orfeas_jobs", "Jobs that reached a terminal state, by status", ["status"])
@@ -245,6 +251,7 @@ for _reason in FAILURE_REASONS:
     JOB_FAILURES.labels(_reason)
 for _transport in TRANSPORTS:
     EVENT_SUBSCRIBERS.labels(_transport)
+    EVENT_STREAM_RESUMES.labels(_transport)
 
 
 # ---------------------------------------------------------- status → reason
@@ -313,6 +320,10 @@ def subscriber_joined(transport: str) -> None:
 
 def subscriber_left(transport: str) -> None:
     EVENT_SUBSCRIBERS.labels(transport).dec()
+
+
+def stream_resumed(transport: str) -> None:
+    EVENT_STREAM_RESUMES.labels(transport).inc()
 
 
 # -------------------------------------------------------------- recording: jobs

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import tuple_row
 
 MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -55,19 +56,11 @@ async def migrate(conn: psycopg.AsyncConnection[Any], folder: Path, scope: str) 
     applied_now: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [advisory_key(f"orfeas.migrations.{scope}")])
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " scope text NOT NULL, version integer NOT NULL, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (scope, version))"
-        )
-        cursor = await conn.execute("SELECT version FROM schema_migrations WHERE scope = %s", [scope])
+        await conn.execute(_MIGRATIONS_TABLE)
+        cursor = conn.cursor(row_factory=tuple_row)
+        await cursor.execute("SELECT version FROM schema_migrations WHERE scope = %s", [scope])
         done = {row[0] for row in await cursor.fetchall()}
-        unknown = sorted(v for v in done if v > len(wanted))
-        if unknown:
-            raise SchemaTooNew(
-                f"the {scope} database has schema version {max(unknown)}, newer than this code's {len(wanted)}; "
-                "run the newer release (or restore a backup from before the upgrade)"
-            )
+        _refuse_newer(done, len(wanted), scope)
         for migration in wanted:
             if migration.version in done:
                 continue
@@ -78,6 +71,44 @@ async def migrate(conn: psycopg.AsyncConnection[Any], folder: Path, scope: str) 
             )
             applied_now.append(migration.name)
     return applied_now
+
+
+def migrate_sync(conn: psycopg.Connection[Any], folder: Path, scope: str) -> list[str]:
+    """`migrate` for a blocking connection (the telemetry service's)."""
+    wanted = migrations_in(folder)
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [advisory_key(f"orfeas.migrations.{scope}")])
+        conn.execute(_MIGRATIONS_TABLE)
+        cursor = conn.cursor(row_factory=tuple_row)
+        cursor.execute("SELECT version FROM schema_migrations WHERE scope = %s", [scope])
+        done = {row[0] for row in cursor.fetchall()}
+        _refuse_newer(done, len(wanted), scope)
+        for migration in wanted:
+            if migration.version not in done:
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_migrations (scope, version, name) VALUES (%s, %s, %s)",
+                    [scope, migration.version, migration.name],
+                )
+                applied_now.append(migration.name)
+    return applied_now
+
+
+_MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " scope text NOT NULL, version integer NOT NULL, name text NOT NULL,"
+    " applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (scope, version))"
+)
+
+
+def _refuse_newer(done: set[int], known: int, scope: str) -> None:
+    unknown = sorted(v for v in done if v > known)
+    if unknown:
+        raise SchemaTooNew(
+            f"the {scope} database has schema version {max(unknown)}, newer than this code's {known}; "
+            "run the newer release (or restore a backup from before the upgrade)"
+        )
 
 
 def describe(url: str) -> str:

@@ -14,6 +14,7 @@ import os
 import struct
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,9 @@ class ArtifactStore:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Unique per writer: on a shared folder, two instances (on two hosts, maybe with the same pid) may write
+    # the same format of the same job at once; each renames its own whole file into place.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 from PIL import Image
@@ -39,10 +40,10 @@ from services.common.errors import (
 from services.common.tasks import TaskSupervisor
 from services.generation import convert, lifecycle
 from services.generation.artifacts import CONTENT_TYPES, FILE_NAMES, ArtifactStore, ChecksumMismatch, check_job_id
-from services.generation.job_store import Applied, Change, JobRecord, JobStore
 from services.generation.pipeline.params import GenerationParams
 from services.generation.pipeline.records import LoadedImage
 from services.generation.storage import StorageMonitor
+from services.generation.store import Applied, Change, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -226,34 +227,9 @@ class JobManager:
                 f"queue full: {len(self._queue)} jobs waiting (limit {self.queue_limit}); retry later",
                 retry_after_s=max(1.0, 2 * self._finish_interval_s),
             )
-        record = JobRecord(
-            id=uuid.uuid4().hex,
-            status=lifecycle.QUEUED,
-            params=params.to_dict(),
-            payload_sha256=payload_sha256,
-            created_at=time.time(),
-            request_id=request_id or None,
-            deadline=deadline,
-            cancel_on_disconnect=cancel_on_disconnect,
-            stage="image_loading",
-            stage_timings={"image_loading": loading_s},
-            progress=convert.overall_progress("image_loading", 1.0),
-            version=1,
-        )
+        record = _new_record(params, payload_sha256, loading_s, request_id, deadline, cancel_on_disconnect)
         position = len(self._queue) + 1
-        loading = convert.STAGE_ENUM["image_loading"]
-        events = [
-            _event(record, kind=pb.EVENT_KIND_STAGE, stage=loading, state=convert.STATE_ENUM["started"], progress=0.0),
-            _event(
-                record,
-                kind=pb.EVENT_KIND_STAGE,
-                stage=loading,
-                state=convert.STATE_ENUM["completed"],
-                stage_progress=1.0,
-                elapsed_seconds=loading_s,
-            ),
-            _event(record, kind=pb.EVENT_KIND_QUEUED, queue_position=position),
-        ]
+        events = _submit_events(record, loading_s, position)
         # The picture is on disk before the record says "queued", so a crash
         # in between never leaves a queued job without its input.
         await asyncio.to_thread(self.artifacts.write_input, record.id, image)
@@ -284,13 +260,23 @@ class JobManager:
         live = self._live.get(job_id)
         record = live.record if live else await self.store.get(job_id)
         if record is None:
-            tombstone = await self.store.tombstone(job_id)
-            if tombstone is not None:
-                reason, at = tombstone
-                when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
-                raise NotFound(f"generation {job_id} expired at {when} ({reason}); its record and files are gone")
-            raise NotFound(f"generation {job_id} not found")
+            await self._not_found(job_id)
         return record, self.queue_position(job_id)
+
+    async def _not_found(self, job_id: str) -> NoReturn:
+        tombstone = await self.store.tombstone(job_id)
+        if tombstone is not None:
+            reason, at = tombstone
+            when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))
+            raise NotFound(f"generation {job_id} expired at {when} ({reason}); its record and files are gone")
+        raise NotFound(f"generation {job_id} not found")
+
+    async def position(self, record: JobRecord) -> int:
+        """The job's place in the queue (1: next), 0 when it is not queued."""
+        return self.queue_position(record.id)
+
+    async def positions(self, records: list[JobRecord]) -> list[int]:
+        return [self.queue_position(r.id) for r in records]
 
     def queue_position(self, job_id: str) -> int:
         try:
@@ -527,19 +513,7 @@ class JobManager:
         return claimed
 
     def _claim_change(self, job: LiveJob, token: str, worker_id: str, device: str) -> Change:
-        # The first stage the worker runs starts with the claim, in its transaction.
-        first = "image_preprocessing" if job.loaded is not None else "image_loading"
-        progress = convert.overall_progress(first, 0.0)
-        return Change(
-            job.id,
-            expect=lambda r: r.status == lifecycle.QUEUED and not r.cancel_requested,
-            change=_checked(
-                lambda r: lifecycle.claim(r, token, first, progress, worker_id=worker_id or None, device=device or None)
-            ),
-            event=lambda r: _event(
-                r, kind=pb.EVENT_KIND_STAGE, stage=convert.STAGE_ENUM[first], state=convert.STATE_ENUM["started"]
-            ),
-        )
+        return _claim_change(job.id, job.loaded is not None, token, worker_id, device)
 
     async def emit_stage(
         self, job: LiveJob, stage: str, state: str, stage_progress: float, elapsed_s: float, detail: str = ""
@@ -760,6 +734,65 @@ class JobManager:
             if applied is not None:
                 job.reported_position = position
                 job.publish(applied.after, applied.event)  # type: ignore[arg-type]
+
+
+def _new_record(
+    params: GenerationParams,
+    payload_sha256: str,
+    loading_s: float,
+    request_id: str,
+    deadline: float | None,
+    cancel_on_disconnect: bool,
+) -> JobRecord:
+    """A job as admission queues it: its picture decoded (image_loading ran there)."""
+    return JobRecord(
+        id=uuid.uuid4().hex,
+        status=lifecycle.QUEUED,
+        params=params.to_dict(),
+        payload_sha256=payload_sha256,
+        created_at=time.time(),
+        request_id=request_id or None,
+        deadline=deadline,
+        cancel_on_disconnect=cancel_on_disconnect,
+        stage="image_loading",
+        stage_timings={"image_loading": loading_s},
+        progress=convert.overall_progress("image_loading", 1.0),
+        version=1,
+    )
+
+
+def _submit_events(record: JobRecord, loading_s: float, position: int) -> list[pb.GenerationEvent]:
+    """A new job's first events: image_loading started and completed (at admission), then queued."""
+    loading = convert.STAGE_ENUM["image_loading"]
+    return [
+        _event(record, kind=pb.EVENT_KIND_STAGE, stage=loading, state=convert.STATE_ENUM["started"], progress=0.0),
+        _event(
+            record,
+            kind=pb.EVENT_KIND_STAGE,
+            stage=loading,
+            state=convert.STATE_ENUM["completed"],
+            stage_progress=1.0,
+            elapsed_seconds=loading_s,
+        ),
+        _event(record, kind=pb.EVENT_KIND_QUEUED, queue_position=position),
+    ]
+
+
+def _claim_change(job_id: str, loaded: bool, token: str, worker_id: str, device: str) -> Change:
+    """queued -> running for this worker; the first stage the worker runs starts with the claim, in its
+    transaction (image_preprocessing when admission's decoded picture is at hand, else image_loading)."""
+    first = "image_preprocessing" if loaded else "image_loading"
+    progress = convert.overall_progress(first, 0.0)
+    return Change(
+        job_id,
+        expect=lambda r: r.status == lifecycle.QUEUED and not r.cancel_requested,
+        change=_checked(
+            lambda r: lifecycle.claim(r, token, first, progress, worker_id=worker_id or None, device=device or None)
+        ),
+        event=lambda r: _event(
+            r, kind=pb.EVENT_KIND_STAGE, stage=convert.STAGE_ENUM[first], state=convert.STATE_ENUM["started"]
+        ),
+    )
 
 
 def _checked(change: Callable[[JobRecord], JobRecord]) -> Callable[[JobRecord], JobRecord]:

@@ -11,6 +11,8 @@ import os
 import socket
 import sys
 
+from psycopg_pool import PoolTimeout
+
 from pb.orfeas.generation.v1 import generation_pb2
 from pb.orfeas.generation.v1 import generation_pb2_grpc as pb_grpc
 from services.common import metrics
@@ -18,15 +20,18 @@ from services.common.config import GenerationConfig, HunyuanConfig, SecurityConf
 from services.common.grpc_security import bind, server_interceptors
 from services.common.grpc_server import create_server, serve_until_signalled, set_serving
 from services.common.logging_setup import setup_logging
+from services.common.postgres import SchemaTooNew
 from services.generation.admission import Admission
 from services.generation.artifacts import ArtifactStore
 from services.generation.backends.registry import BackendSet, load_plugins
 from services.generation.batch_sizing import OptimizerBatchSizer
+from services.generation.cluster_jobs import ClusterJobManager, batch_key_text
 from services.generation.device_monitor import DeviceSampler
 from services.generation.devices import DeviceBackends, DeviceConfigError, WorkerSlot, resolve_workers
 from services.generation.export_pool import ExportPool
 from services.generation.job_store import JobStore
 from services.generation.jobs import JobManager
+from services.generation.pg_store import SWEEP_LOCK, PgJobStore
 from services.generation.profile_reporting import TelemetryProfileSink
 from services.generation.retention import RetentionSweeper
 from services.generation.servicer import GenerationServicer
@@ -90,13 +95,55 @@ def build_workers(
     return workers
 
 
+class ExclusiveSweeper(RetentionSweeper):
+    """Retention for a cluster: one instance sweeps at a time (an advisory lock); the others skip that round."""
+
+    store: PgJobStore
+
+    async def sweep(self) -> dict[str, int]:
+        _, counts = await self.store.try_exclusive(SWEEP_LOCK, super().sweep)
+        return counts or {}
+
+
+async def open_jobs(
+    config: GenerationConfig, instance: str
+) -> tuple[JobStore | PgJobStore, JobManager, ArtifactStore]:
+    """The store and the manager: SQLite and the in-memory queue for one instance, or PostgreSQL and the
+    database's queue when GENERATION_DATABASE_URL names one (any number of instances)."""
+    artifacts = ArtifactStore(config.artifacts_path)
+    # The reserve is watched where the results are written.
+    watched = config.artifacts_path if config.artifacts_dir else config.data_dir
+    storage = StorageMonitor(watched, int(config.min_free_mb * 2**20))
+    if not config.database_url:
+        sqlite = JobStore(config.data_dir / "generation.db", lock_wait_s=config.store_lock_wait_s)
+        await sqlite.open()
+        return sqlite, JobManager(sqlite, artifacts, config.queue_limit, config.max_attempts, storage), artifacts
+    store = PgJobStore(
+        config.database_url,
+        origin=instance,
+        batch_key_of=batch_key_text,
+        lease_s=config.lease_s,
+        pool_size=config.database_pool_size,
+        timeout_s=config.database_timeout_s,
+    )
+    await store.open()
+    manager = ClusterJobManager(
+        store,
+        artifacts,
+        config.queue_limit,
+        config.max_attempts,
+        storage,
+        instance=instance,
+        lease_s=config.lease_s,
+        queue_events_depth=config.queue_events_depth,
+    )
+    return store, manager, artifacts
+
+
 async def serve(config: GenerationConfig, slots: list[WorkerSlot]) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(config.data_dir / "generation.db", lock_wait_s=config.store_lock_wait_s)
-    await store.open()
-    artifacts = ArtifactStore(config.data_dir / "artifacts")
-    storage = StorageMonitor(config.data_dir, int(config.min_free_mb * 2**20))
-    manager = JobManager(store, artifacts, config.queue_limit, config.max_attempts, storage)
+    instance = slots[0].worker_id.rsplit("/", 1)[0]
+    store, manager, artifacts = await open_jobs(config, instance)
     recovered = await manager.recover()
     telemetry = TelemetryClient(
         config.telemetry_address,
@@ -104,7 +151,6 @@ async def serve(config: GenerationConfig, slots: list[WorkerSlot]) -> None:
         target_utilization=config.target_utilization,
     )
     await telemetry.start()
-    instance = slots[0].worker_id.rsplit("/", 1)[0]
     sampler = DeviceSampler(
         instance,
         telemetry.report_device_sample,
@@ -142,7 +188,8 @@ async def serve(config: GenerationConfig, slots: list[WorkerSlot]) -> None:
     metrics.track_queue_length(lambda: manager.queue_length)
     metrics.track_devices(lambda: sampler.latest)
     metrics.track_telemetry_dropped(lambda: telemetry.reports_dropped)
-    sweeper = RetentionSweeper(store, artifacts, config.retention_s, int(config.artifact_budget_mb * 2**20))
+    sweeper_class = ExclusiveSweeper if isinstance(store, PgJobStore) else RetentionSweeper
+    sweeper = sweeper_class(store, artifacts, config.retention_s, int(config.artifact_budget_mb * 2**20))  # type: ignore[arg-type]
     sweeping = asyncio.create_task(sweeper.run_forever(config.retention_interval_s))
     await set_serving(health, [SERVICE_NAME], True)
     log.info(
@@ -153,6 +200,7 @@ async def serve(config: GenerationConfig, slots: list[WorkerSlot]) -> None:
             "workers": [slot.worker_id for slot in slots],
             "recovered": recovered,
             "plugins": plugins,
+            "job_store": f"postgresql {store.where}" if isinstance(store, PgJobStore) else "sqlite",
         },
     )
 
@@ -184,7 +232,17 @@ def main() -> None:
         log.error("cannot start", extra={"error": str(exc)})
         logging.shutdown()
         sys.exit(2)
-    asyncio.run(serve(config, slots))
+    try:
+        asyncio.run(serve(config, slots))
+    except SchemaTooNew as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        logging.shutdown()
+        sys.exit(2)
+    except PoolTimeout as exc:
+        # The supervisor (or Kubernetes) starts the service again after a back-off.
+        log.error("cannot start: the job database is unreachable", extra={"error": str(exc)})
+        logging.shutdown()
+        sys.exit(1)
     # Everything is closed. A stage the stall watchdog gave up on may still hold a thread, and
     # the interpreter would wait for it at exit for ever: leave without waiting.
     logging.shutdown()

@@ -56,7 +56,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def SubmitGeneration(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.Generation:
         record = await self._submit(request, call_deadline=None)
-        return convert.generation_message(record, self.manager.queue_position(record.id))
+        return convert.generation_message(record, await self.manager.position(record))
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -88,8 +88,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise InvalidArgument("status", f"unknown status value {request.status}")
         status = convert.STATUS_NAME.get(request.status)
         records, token = await self.manager.list(request.page_size, request.page_token, status)
+        positions = await self.manager.positions(records)
         return pb.ListGenerationsResponse(
-            generations=[convert.generation_message(r, self.manager.queue_position(r.id)) for r in records],
+            generations=[convert.generation_message(r, p) for r, p in zip(records, positions)],
             next_page_token=token,
         )
 
@@ -97,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.CancelGenerationRequest, context: grpc.aio.ServicerContext
     ) -> pb.Generation:
         record = await self.manager.cancel(request.id)
-        return convert.generation_message(record, self.manager.queue_position(record.id))
+        return convert.generation_message(record, await self.manager.position(record))
 
     async def WatchGeneration(
         self, request: pb.WatchGenerationRequest, context: grpc.aio.ServicerContext

@@ -65,7 +65,7 @@ class Event(Protocol):
 
     sequence: int
 
-    def SerializeToString(self) -> bytes: ...  # noqa: N802 - protobuf's name
+    def SerializeToString(self) -> bytes: ...
 
 
 @dataclass

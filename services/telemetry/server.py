@@ -2,7 +2,7 @@
 
 Binds TELEMETRY_HOST:TELEMETRY_PORT (127.0.0.1:50052; port 0 picks a free one
 and the "listening" log line names it), keeps its SQLite database at
-DATA_DIR/telemetry.sqlite3, serves Prometheus metrics on
+DATA_DIR/telemetry.sqlite3 (or in PostgreSQL with TELEMETRY_DATABASE_URL), serves Prometheus metrics on
 TELEMETRY_METRICS_PORT (9102; 0 turns them off), honours the shared service
 token and TLS (ORFEAS_*), and stops cleanly on SIGTERM or SIGINT.
 """
@@ -25,6 +25,7 @@ from services.common.grpc_server import (
 from services.common.logging_setup import setup_logging
 from services.telemetry.model import Telemetry
 from services.telemetry.servicer import SERVICE_NAME, TelemetryServicer
+from services.telemetry.pg_store import PgTelemetryStore
 from services.telemetry.store import TelemetryStore
 
 log = logging.getLogger("services.telemetry")
@@ -33,7 +34,8 @@ DB_NAME = "telemetry.sqlite3"
 
 
 async def serve(config: TelemetryConfig) -> None:
-    store = TelemetryStore(config.data_dir / DB_NAME)
+    # PostgreSQL when TELEMETRY_DATABASE_URL names one (the history then outlives this machine), else SQLite.
+    store = PgTelemetryStore(config.database_url) if config.database_url else TelemetryStore(config.data_dir / DB_NAME)
     try:
         telemetry = Telemetry(store, config.window_s, config.target_utilization)
         security = SecurityConfig.from_env()

@@ -62,8 +62,9 @@ _SIMPLIFY_LOCK = threading.Lock()
 _ATTEMPTS = ((1.0, 7.0), (1.0, 5.0), (1.0, 3.0), (1.25, 5.0), (1.6, 5.0), (2.5, 3.0))
 JPEG_QUALITY = 90
 OBJ_NAME, MTL_NAME, TEXTURE_NAME = "model.obj", "model.mtl", "texture.jpg"
-# What a source file holds: _Mesh's arrays, plus the texture (absent when the texture is off).
+# What a source file holds: _Mesh's arrays, plus the texture as JPEG bytes (absent when the texture is off).
 _SOURCE_FIELDS = ("vertices", "faces", "normals", "colors", "split_source", "split_faces", "split_uv", "split_colors")
+_INDEX_FIELDS = ("faces", "split_source", "split_faces")
 
 
 @dataclass
@@ -98,7 +99,8 @@ def export_mesh(
             textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count
         )
         mesh = _map_and_normalise(vertices, faces, textured)
-    image = _encode_jpeg(textured.texture) if textured.texture is not None and ({"glb", "obj"} & set(formats)) else None
+    # Encoded once: the files written now and the source (for the formats written later) share it.
+    image = _encode_jpeg(textured.texture) if textured.texture is not None else None
     files = {name: _write(mesh, name, image) for name in dict.fromkeys(formats)}
     extents = mesh.vertices.max(0) - mesh.vertices.min(0)
     return ExportedMesh(
@@ -108,16 +110,21 @@ def export_mesh(
         watertight=closed,
         volume=signed_volume(mesh.vertices, mesh.faces),
         extents=(float(extents[0]), float(extents[1]), float(extents[2])),
-        source=pack_source(mesh, textured.texture),
+        source=pack_source(mesh, image),
     )
 
 
-def pack_source(mesh: "_Mesh", texture: np.ndarray | None) -> bytes:
-    """The final mesh and its texture, uncompressed (a few milliseconds to write and read back)."""
+def pack_source(mesh: "_Mesh", jpeg: bytes | None) -> bytes:
+    """The final mesh and its encoded texture, uncompressed but compact (indices as int32): a few
+    milliseconds to write and read back, and about a third of the size the raw arrays would take."""
     buffer = io.BytesIO()
-    arrays = {name: getattr(mesh, name) for name in _SOURCE_FIELDS}
-    if texture is not None:
-        arrays["texture"] = texture
+    arrays = {
+        name: (value.astype(np.int32) if name in _INDEX_FIELDS else value)
+        for name in _SOURCE_FIELDS
+        for value in [getattr(mesh, name)]
+    }
+    if jpeg is not None:
+        arrays["texture_jpeg"] = np.frombuffer(jpeg, np.uint8)
     np.savez(buffer, **arrays)
     return buffer.getvalue()
 
@@ -127,9 +134,11 @@ def write_from_source(source: bytes, fmt: str) -> bytes:
     if fmt not in FORMATS:
         raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
     with np.load(io.BytesIO(source), allow_pickle=False) as arrays:
-        mesh = _Mesh(**{name: arrays[name] for name in _SOURCE_FIELDS})
-        texture = arrays["texture"] if "texture" in arrays.files else None
-    return _write(mesh, fmt, _encode_jpeg(texture) if texture is not None and fmt in ("glb", "obj") else None)
+        mesh = _Mesh(**{
+            name: arrays[name].astype(np.int64) if name in _INDEX_FIELDS else arrays[name] for name in _SOURCE_FIELDS
+        })
+        jpeg = arrays["texture_jpeg"].tobytes() if "texture_jpeg" in arrays.files else None
+    return _write(mesh, fmt, jpeg)
 
 
 def _write(mesh: "_Mesh", fmt: str, image: bytes | None) -> bytes:
