@@ -72,7 +72,7 @@ STATUS_MEANINGS: dict[int, str] = {
     429: "The queue is full; retry after Retry-After seconds",
     500: "An unexpected error in the gateway or a service",
     502: "A service answered with an unknown error, or ended a stream without data",
-    503: "A service the answer needs is unavailable (restarting, or down)",
+    503: "A service the answer needs is unavailable (restarting, or down); retry after Retry-After seconds",
     504: "A service did not answer in time",
     507: "The service's disk is below its reserve; retry after Retry-After seconds",
 }
@@ -102,7 +102,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     documented: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         entry: dict[str, Any] = {"model": ErrorBody, "description": STATUS_MEANINGS[status]}
-        if status in (429, 507):
+        if status in (429, 503, 507):
             entry["headers"] = {"Retry-After": RETRY_AFTER}
         if status == 426:
             entry["headers"] = {"Upgrade": {"description": "websocket", "schema": {"type": "string"}}}
@@ -117,7 +117,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
     for key, value in exc.trailing_metadata() or ():
         if key == "retry-after":
             headers["Retry-After"] = str(value)
-    if status in (429, 507) and "Retry-After" not in headers:
+    if status in (429, 503, 507) and "Retry-After" not in headers:
+        # A 503 here is mostly a service restarting: the channel reconnects within two seconds.
         headers["Retry-After"] = "1"
     message = exc.details() or code.name
     if code == grpc.StatusCode.FAILED_PRECONDITION and message.startswith("backend:"):

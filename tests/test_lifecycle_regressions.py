@@ -143,7 +143,8 @@ def test_retention_meeting_a_lock_waits_and_poisons_nothing(started):
     channel.close()
     stack.stop("generation")
     stack.start("generation")
-    after = http.get(f"/api/v1/generations/{new}")
+    # The gateway's channel reconnects within its back-off (two seconds at most); until then it says 503.
+    after = wait_until(lambda: (r := http.get(f"/api/v1/generations/{new}")).status_code != 503 and r, 10)
     assert after.json().get("status") == "succeeded" or "expired" in after.json()["error"]["message"], after.text
     http.close()
 
