@@ -14,7 +14,7 @@ from pb.orfeas.generation.v1 import generation_pb2 as pb
 from services.common.postgres import SchemaTooNew, migrate
 from services.generation import jobs, lifecycle
 from services.generation.cluster_jobs import batch_key_text
-from services.generation.pg_store import MIGRATIONS, Notice, PgJobStore, QueueFull
+from services.generation.pg_store import MIGRATIONS, Notice, PgJobStore, QueueFull, _progress_only
 from services.generation.pipeline.params import GenerationParams
 from services.generation.store import Change, JobRecord
 from tests.postgres_fixtures import PostgresServer
@@ -168,3 +168,56 @@ async def test_admission_limit_and_request_ids_hold_across_instances(postgres: P
         assert await b.position(first) == 6
     finally:
         await asyncio.gather(a.close(), b.close())
+
+
+def test_only_a_running_jobs_progress_commits_without_waiting_for_its_flush() -> None:
+    queued = jobs._new_record(PARAMS, "p", 0.01, "", None, False)
+    running = lifecycle.claim(queued, "tok", "image_preprocessing", 0.1, worker_id="a:1/cpu", device="cpu")
+    moved = lifecycle.stage(running, "shape_generation", 0.4, None)
+    assert _progress_only(running, moved)
+    assert _progress_only(moved, lifecycle.stage(moved, "shape_generation", 0.5, 0.2))
+    # Every change of state waits for its flush: the claim, a cancel, the end, a requeue, a queued note.
+    assert not _progress_only(queued, running)
+    assert not _progress_only(moved, lifecycle.request_cancel(moved))
+    assert not _progress_only(moved, lifecycle.finish(moved, lifecycle.SUCCEEDED, result={"faces": 1}))
+    assert not _progress_only(moved, lifecycle.finish(moved, lifecycle.FAILED, error=("stalled", "x")))
+    assert not _progress_only(moved, lifecycle.requeue(moved, count_attempt=True, progress=0.0))
+    assert not _progress_only(queued, lifecycle.note(queued))
+
+
+async def test_a_progress_write_leaves_the_session_committing_durably(postgres: PostgresServer) -> None:
+    store = new_store(postgres.database(), "a:1")
+    await store.open()
+    try:
+        record = await admit(store)
+        (claimed,), _ = await store.claim(batch_key_text(PARAMS.to_dict()), 1, claim_change("tok", "a:1"))
+        stage = Change(
+            record.id,
+            expect=lambda r: r.status == lifecycle.RUNNING and r.claim_token == "tok",
+            change=jobs._checked(lambda r: lifecycle.stage(r, "shape_generation", 0.4, None)),
+            event=lambda r: jobs._event(r, kind=pb.EVENT_KIND_STAGE),
+        )
+        (applied,) = await store.apply([stage])
+        assert applied is not None and applied.after.stage == "shape_generation"
+        # The progress row is committed like any other: every instance reads it, event and all.
+        assert (await new_store_get(postgres, store, record.id)).stage == "shape_generation"
+        events = [pb.GenerationEvent.FromString(e) for e in await store.events(record.id)]
+        assert events[-1].kind == pb.EVENT_KIND_STAGE and events[-1].sequence == applied.event.sequence
+        # The relaxed commit was that transaction's alone: the connection's next commit waits for its flush.
+        assert store._writer is not None
+        setting = await (await store._writer.execute("SHOW synchronous_commit")).fetchone()
+        assert setting["synchronous_commit"] == "on"
+    finally:
+        await store.close()
+
+
+async def new_store_get(postgres: PostgresServer, store: PgJobStore, job_id: str) -> JobRecord:
+    """The job as another instance reads it, straight from the database."""
+    other = PgJobStore(store.url, origin="b:1", batch_key_of=batch_key_text, pool_size=1)
+    await other.open()
+    try:
+        found = await other.get(job_id)
+        assert found is not None
+        return found
+    finally:
+        await other.close()

@@ -68,12 +68,24 @@ _WRITE = (
 )
 # The same write in one statement (its own transaction), applied only if the row is still at the version
 # the change was computed from: the fast path of `apply` (see PgJobStore._apply_known).
-_WRITE_IF_UNCHANGED = (
-    f"WITH changed AS (UPDATE jobs SET {_UPDATE_SET}, {_LEASE}, last_seq = %(last_seq)s"
+_CHANGED_IF_UNCHANGED = (
+    f"changed AS (UPDATE jobs SET {_UPDATE_SET}, {_LEASE}, last_seq = %(last_seq)s"
     " WHERE id = %(id)s AND version = %(expected_version)s RETURNING id),"
     " event AS (INSERT INTO events (job_id, seq, data) SELECT id, %(seq)s, %(data)s FROM changed"
     " WHERE %(data)s::bytea IS NOT NULL)"
-    " SELECT count(*) AS n FROM changed"
+)
+_WRITE_IF_UNCHANGED = f"WITH {_CHANGED_IF_UNCHANGED} SELECT count(*) AS n FROM changed"
+# A running job's progress (a stage started, moved or ended; nothing else of the job changed) commits
+# without waiting for its WAL to reach the disk: synchronous_commit=off for this one transaction, the
+# per-transaction use PostgreSQL documents for data whose loss in a database crash is harmless. Only
+# the last fraction of a second of such rows can be lost, and only whole, in commit order (the database
+# stays consistent); every state change (admission, claim, cancel, the end) still waits for its flush,
+# and its flush carries every progress row committed before it. A job whose progress was lost is still
+# running under its lease and says so again at its next step.
+_PROGRESS_IF_UNCHANGED = (
+    "WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true) AS mode),"
+    f" {_CHANGED_IF_UNCHANGED}"
+    " SELECT count(*) AS n, (SELECT mode FROM unflushed) AS mode FROM changed"
 )
 # Jobs whose last committed state this instance remembers (it wrote or read them last).
 KNOWN_JOBS = 4096
@@ -312,10 +324,12 @@ class PgJobStore:
         if event is not None:
             event.sequence = last_seq
 
+        statement = _PROGRESS_IF_UNCHANGED if _progress_only(known.record, after) else _WRITE_IF_UNCHANGED
+
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
             row = await (
                 await conn.execute(
-                    _WRITE_IF_UNCHANGED,
+                    statement,
                     {
                         **_values(after),
                         "expected_version": known.record.version,
@@ -705,6 +719,18 @@ class QueueFull(Exception):
     def __init__(self, waiting: int) -> None:
         super().__init__(f"{waiting} jobs waiting")
         self.waiting = waiting
+
+
+def _progress_only(before: JobRecord, after: JobRecord) -> bool:
+    """Whether a change only reports a running job's progress: the same claim, status and cancel flag."""
+    return (
+        before.status == after.status == "running"
+        and before.claim_token == after.claim_token
+        and before.cancel_requested == after.cancel_requested
+        and before.attempts == after.attempts
+        and before.result == after.result
+        and before.error_code == after.error_code
+    )
 
 
 def _values(job: JobRecord) -> dict[str, Any]:
