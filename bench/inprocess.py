@@ -1,13 +1,44 @@
-"""The pipeline alone, in this process: the baseline every serving figure is compared with."""
+"""The pipeline alone, in this process: the baseline every serving figure is compared with.
+
+Run as a script, it compares the working tree with another commit, in process, job by job:
+
+    .venv/bin/python -m bench.inprocess --reference HEAD --runs 20
+
+Each side is a worker process of its own (the commit's files exported with `git archive` into a
+temporary folder, the working tree as it is), and the jobs alternate between them, so whatever
+else the machine does touches both sides alike. It prints each stage's median per side and the
+ratio of the medians.
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from services.generation.pipeline.params import GenerationParams
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("image_loading", "image_preprocessing", "shape_generation", "texture_synthesis", "mesh_export")
+# What a worker runs: one job per line read, one JSON line of timings written back.
+_WORKER = """
+import json, sys
+from bench.inprocess import device_of, run_once
+from bench.common import photo_png
+from services.generation.pipeline.params import GenerationParams
+image, params, device = photo_png(), GenerationParams(), device_of(sys.argv[1])
+for _ in sys.stdin:
+    wall, stages, mesh = run_once(image, params, device)
+    print(json.dumps({"total": wall, **stages, "faces": mesh.faces}), flush=True)
+"""
 
 
 def device_of(name: str) -> torch.device:
@@ -31,3 +62,76 @@ def run_once(image: bytes, params: GenerationParams, device: torch.device) -> tu
 
 def params_with(**changes: Any) -> GenerationParams:
     return replace(GenerationParams(), **changes)
+
+
+class _Worker:
+    """A process running jobs from one source tree, one per request."""
+
+    def __init__(self, tree: Path, device: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, device], cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def job(self) -> dict[str, float]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait()
+
+
+def compare(reference: str, runs: int, warmup: int = 2, device: str = "auto") -> dict[str, dict[str, list[float]]]:
+    """{"reference" | "working": {stage or "total" or "faces": [values, one per job]}}, interleaved."""
+    with tempfile.TemporaryDirectory(prefix="inprocess-reference-") as folder:
+        archive = subprocess.run(["git", "archive", reference], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        # Generated code is not in git: the reference uses the working tree's.
+        for generated in ("pb",):
+            if (ROOT / generated).exists() and not (Path(folder) / generated).exists():
+                (Path(folder) / generated).symlink_to(ROOT / generated)
+        workers = {"reference": _Worker(Path(folder), device), "working": _Worker(ROOT, device)}
+        results: dict[str, dict[str, list[float]]] = {name: {} for name in workers}
+        try:
+            for index in range(warmup + runs):
+                # Alternate which side goes first, so neither always follows the other.
+                order = list(workers) if index % 2 == 0 else list(reversed(workers))
+                for name in order:
+                    timings = workers[name].job()
+                    if index >= warmup:
+                        for key, value in timings.items():
+                            results[name].setdefault(key, []).append(float(value))
+        finally:
+            for worker in workers.values():
+                worker.close()
+    return results
+
+
+def _table(results: dict[str, dict[str, list[float]]]) -> str:
+    rows = [f"{'stage':<22}{'reference ms':>14}{'working ms':>12}{'ratio':>8}"]
+    for key in (*STAGES, "total"):
+        before = statistics.median(results["reference"][key]) * 1000
+        after = statistics.median(results["working"][key]) * 1000
+        rows.append(f"{key:<22}{before:>14.1f}{after:>12.1f}{after / before:>8.2f}")
+    rows.append(f"{'faces':<22}{statistics.median(results['reference']['faces']):>14.0f}"
+                f"{statistics.median(results['working']['faces']):>12.0f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default="HEAD", help="the commit to compare the working tree with")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    print(_table(compare(args.reference, args.runs, device=args.device)))
+
+
+if __name__ == "__main__":
+    main()

@@ -236,3 +236,18 @@ def test_regularisation_leaves_a_clean_shape_alone() -> None:
     ys, xs = np.mgrid[:64, :64] + 0.5
     disk = (xs - 32) ** 2 + (ys - 32) ** 2 < 20**2
     assert np.array_equal(regularize_grid_mask(disk), disk)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_and_hole_helpers_match_scipy_on_random_masks(seed: int) -> None:
+    """OpenCV does the labelling and hole filling: the same masks as scipy.ndimage's 4-connected ones."""
+    from services.generation.pipeline.background_removal import fill_holes, largest_component
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.normal(size=(97, 130)), 2.0) > rng.uniform(-0.2, 0.3)
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    expected = labels == int(np.argmax(sizes)) if count > 1 else mask
+    assert np.array_equal(largest_component(mask), expected)
+    assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.generation.backends import get_backend
+from services.generation.backends.base import ShapeItem, ShapeSettings
 from services.generation.pipeline import mesh_export
 from services.generation.pipeline.image_preprocessing import prepare_image
 from services.generation.pipeline.mesh_export import (
@@ -224,33 +225,53 @@ def test_small_meshes_are_not_decimated(textured: TexturedShape) -> None:
     assert exported.faces == faces and exported.vertices == len(textured.shape.vertices)
 
 
-def test_a_decimation_that_breaks_closure_is_retried_gentler(textured: TexturedShape,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = mesh_export.fast_simplification.simplify
+def test_a_mesh_its_backend_built_within_the_budget_is_written_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inflate backend decimates within the job's face count and checks the result itself."""
+    side = 400
+    ys, xs = np.mgrid[:side, :side] + 0.5
+    inside = (xs - 200) ** 2 + (ys - 200) ** 2 < 150**2
+    rgb = np.full((side, side, 3), 180, np.uint8)
+    loaded = LoadedImage(rgba=np.dstack([rgb, inside.astype(np.uint8) * 255]), has_alpha=True, source_format="PNG",
+                         size=(side, side))
+    prepared = prepare_image(loaded, remove_background="auto", foreground_ratio=0.85, resolution=160)
+    (shape,) = get_backend("inflate").generate_batch(
+        [ShapeItem(prepared, 0, 8000)], ShapeSettings(160, 50, 0.0), device=torch.device("cpu")
+    )
+    assert shape.checked_closed and len(shape.faces) <= 8000
+    textured = synthesize_texture(shape, prepared, texture=True, texture_size=512, seed=0)
 
-    def breaks_at_full_strength(points, triangles, target_count, agg):  # type: ignore[no-untyped-def]
-        calls.append((target_count, agg))
-        out_points, out_faces = real(points, triangles, target_count=target_count, agg=agg)
-        return (out_points, out_faces[:-1]) if agg > 5 else (out_points, out_faces)
+    def not_again(*_: object) -> bool:
+        raise AssertionError("checked twice")
 
-    monkeypatch.setattr(mesh_export.fast_simplification, "simplify", breaks_at_full_strength)
+    monkeypatch.setattr(mesh_export, "is_closed_piece", not_again)
+    exported = export_mesh(textured, face_count=8000, formats=("glb",))
+    assert exported.faces == len(shape.faces) and exported.watertight
+    mesh = merged(reload(exported, "glb"))
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.body_count == 1
+
+
+def test_a_decimation_that_breaks_closure_is_retried_gentler(textured: TexturedShape) -> None:
+    calls: list[tuple[int, float]] = []
+
+    def breaks_at_full_strength(points, triangles, target, aggressiveness):  # type: ignore[no-untyped-def]
+        calls.append((target, aggressiveness))
+        out_points, out_faces = mesh_export.simplify(points, triangles, target, aggressiveness)
+        return (out_points, out_faces[:-1]) if aggressiveness > 5 else (out_points, out_faces)
+
     _vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64),
-                                              textured.shape.faces, 4000)
+                                              textured.shape.faces, 4000, simplifier=breaks_at_full_strength)
     assert closed and is_closed(faces)
     assert calls == [(4000, 7.0), (4000, 5.0)]
     assert len(faces) <= 4000
 
 
-def test_when_every_decimation_breaks_the_original_is_kept(textured: TexturedShape,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real = mesh_export.fast_simplification.simplify
-    def always_breaks(points, triangles, target_count, agg):  # type: ignore[no-untyped-def]
-        out_points, out_faces = real(points, triangles, target_count=target_count, agg=agg)
+def test_when_every_decimation_breaks_the_original_is_kept(textured: TexturedShape) -> None:
+    def always_breaks(points, triangles, target, aggressiveness):  # type: ignore[no-untyped-def]
+        out_points, out_faces = mesh_export.simplify(points, triangles, target, aggressiveness)
         return out_points, out_faces[:-1]
 
-    monkeypatch.setattr(mesh_export.fast_simplification, "simplify", always_breaks)
-    _vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64), textured.shape.faces, 4000)
+    _vertices, faces, closed = decimate_closed(textured.shape.vertices.astype(np.float64), textured.shape.faces, 4000,
+                                              simplifier=always_breaks)
     assert closed and len(faces) == len(textured.shape.faces)
 
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import tracemalloc
 import weakref
-from collections import namedtuple
 
 import numpy as np
-import psutil
 import pytest
 import scipy.sparse.linalg as sparse_linalg
 import torch
@@ -19,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from services.common.errors import Cancelled, InvalidArgument, ResourceExhausted
 from services.generation.backends import ShapeBackend, get_backend, inflate
+from services.generation.backends.base import ShapeItem, ShapeSettings, check_fits, free_memory_bytes
 from services.generation.backends.inflate import (
     InflateBackend,
     build_mesh,
@@ -26,6 +25,7 @@ from services.generation.backends.inflate import (
 )
 from services.generation.pipeline.image_preprocessing import regularize_grid_mask
 from services.generation.pipeline.mesh_export import is_closed
+from services.generation.pipeline.records import PreparedImage
 
 CPU = torch.device("cpu")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,6 +195,81 @@ def test_outline_is_smoothed_not_stair_stepped(monkeypatch: pytest.MonkeyPatch) 
     assert abs(np.hypot(rim[:, 0], rim[:, 1]).mean() - 0.425) < 0.1 / 128
 
 
+def solved(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(regularised cells, u on their corners) of a mask whose side is a multiple of 16."""
+    cells = regularize_grid_mask(mask)
+    potential = solve_poisson(torch.from_numpy(cells)[None], max_iterations=50)[0].numpy()
+    return cells, potential
+
+
+@pytest.mark.parametrize(("name", "budget"), [("disk", 8000), ("horse", 20000), ("blob", 40000)])
+def test_a_face_budget_is_met_by_a_closed_mesh_close_to_the_full_one(name: str, budget: int) -> None:
+    mask = {"disk": disk_mask(), "horse": horse_mask(), "blob": blob_mask(3, 256)}[name]
+    cells, potential = solved(mask)
+    full = build_mesh(cells, potential)
+    budgeted = build_mesh(cells, potential, face_budget=budget)
+    assert len(full.faces) > budget and 0.9 * budget <= len(budgeted.faces) <= budget
+    assert budgeted.checked_closed and is_closed(budgeted.faces)
+    mesh, reference = as_trimesh(budgeted), as_trimesh(full)
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.body_count == 1
+    assert np.unique(budgeted.faces).size == len(budgeted.vertices)
+    assert abs(mesh.volume / reference.volume - 1) < 0.01
+    # The outline (z = 0) is kept vertex for vertex, and the back still mirrors the front.
+    rim = {tuple(v) for v in full.vertices[full.vertices[:, 2] == 0]}
+    assert {tuple(v) for v in budgeted.vertices[budgeted.vertices[:, 2] == 0]} == rim
+    front, back = budgeted.vertices[budgeted.vertices[:, 2] > 0], budgeted.vertices[budgeted.vertices[:, 2] < 0]
+    assert np.array_equal(np.sort(front * [1, 1, -1], axis=0), np.sort(back, axis=0))
+
+
+def test_a_budget_the_full_mesh_fits_or_its_outline_crowds_changes_nothing() -> None:
+    cells, potential = solved(disk_mask(128))
+    full = build_mesh(cells, potential)
+    same = build_mesh(cells, potential, face_budget=len(full.faces))
+    assert np.array_equal(same.vertices, full.vertices) and np.array_equal(same.faces, full.faces)
+    # A long outline under a tight budget would leave the inside few faces: mesh_export decimates it all.
+    cells, potential = solved(blob_mask(3, 256))
+    crowded = build_mesh(cells, potential, face_budget=8000)
+    assert np.array_equal(crowded.faces, build_mesh(cells, potential).faces) and not crowded.checked_closed
+
+
+@pytest.mark.parametrize("name", ["disk", "horse", "blob"])
+def test_block_sheet_tiles_the_silhouette_edge_to_edge(name: str) -> None:
+    """The front sheet with 2 x 2 blocks made fans covers exactly the cells, every triangle counter-clockwise,
+    and mirrors into a closed mesh: no vertex on another triangle's edge."""
+    mask = {"disk": disk_mask(), "horse": horse_mask(), "blob": blob_mask(3, 97)}[name]
+    cells = regularize_grid_mask(mask)
+    padded = np.pad(cells, 1)
+    interior = padded[:-1, :-1] & padded[:-1, 1:] & padded[1:, :-1] & padded[1:, 1:]
+    used = padded[:-1, :-1] | padded[:-1, 1:] | padded[1:, :-1] | padded[1:, 1:]
+    index = np.full(used.shape, -1, np.int64)
+    index[used] = np.arange(used.sum())
+    rows, cols = np.nonzero(used)
+    faces = inflate._block_triangles(cells, interior, index)
+    assert len(faces) < len(inflate._triangles(cells, interior, index))
+    a, b, c = (np.stack([cols, -rows], 1)[faces[:, k]].astype(float) for k in range(3))
+    areas = ((b - a)[:, 0] * (c - a)[:, 1] - (b - a)[:, 1] * (c - a)[:, 0]) / 2
+    assert areas.min() > 0 and areas.sum() == cells.sum()
+    vertices = np.stack([cols, -rows, np.ones(len(rows))], 1).astype(float)
+    assert is_closed(inflate._mirrored(vertices, faces, interior[rows, cols]).faces)
+
+
+def test_each_budgeted_item_is_bit_identical_alone_or_in_a_batch() -> None:
+    masks = [disk_mask(), horse_mask(), blob_mask(3, 256)]
+    budgets = [8000, 20000, 40000]
+
+    def item(mask: np.ndarray, budget: int) -> ShapeItem:
+        image = PreparedImage(rgb=np.zeros((8, 8, 3), np.uint8), mask=np.ones((8, 8), bool), grid_mask=mask,
+                              mask_source="alpha", source_mask=np.ones((8, 8), bool))
+        return ShapeItem(image, 0, budget)
+
+    backend, settings = get_backend("inflate"), ShapeSettings(256, 50, 0.0)
+    alone = [backend.generate_batch([item(m, b)], settings, device=DEVICE)[0] for m, b in zip(masks, budgets)]
+    together = backend.generate_batch([item(m, b) for m, b in zip(masks, budgets)], settings, device=DEVICE)
+    for one, other, budget in zip(alone, together, budgets):
+        assert len(one.faces) <= budget
+        assert np.array_equal(one.vertices, other.vertices) and np.array_equal(one.faces, other.faces)
+
+
 def test_specks_are_dropped_and_thin_parts_kept() -> None:
     mask = disk_mask(128, 0.3)
     mask[5:7, 5:7] = True  # a speck
@@ -327,14 +402,16 @@ def test_memory_model_matches_a_measurement() -> None:
     assert 3.5 < backend.estimate_item_bytes(512, 50) / modelled < 4.5
 
 
-def test_a_picture_that_cannot_fit_is_resource_exhausted(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_picture_that_cannot_fit_is_resource_exhausted() -> None:
     item = get_backend("inflate").estimate_item_bytes(128, 50)
-    memory = namedtuple("memory", "available")
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=item // 2))
     with pytest.raises(ResourceExhausted, match="MiB"):
-        get_backend("inflate").generate([disk_mask(128)], steps=50, device=CPU)
+        check_fits(1, item, item // 2, "cpu")
     # A batch that only fits split up is a MemoryError, which callers split on.
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=int(item * 1.5)))
     with pytest.raises(MemoryError, match="out of memory"):
-        get_backend("inflate").generate([disk_mask(128)] * 2, steps=50, device=CPU)
+        check_fits(2, item, int(item * 1.5), "cpu")
+    check_fits(1, item, int(item * 1.5), "cpu")
+    # The backend asks before it solves: with this machine's real free memory, one picture fits.
     assert len(get_backend("inflate").generate([disk_mask(128)], steps=50, device=CPU)) == 1
+    assert free_memory_bytes(CPU) > item
+
+

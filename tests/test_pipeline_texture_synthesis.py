@@ -113,6 +113,19 @@ def test_sampling_reads_the_texel_under_the_coordinate() -> None:
     assert tuple(colours[0]) == (200, 100, 50, 255)
 
 
+def test_sampling_many_points_reads_each_texel_and_blends_between() -> None:
+    """More points than one row of OpenCV's sampling map holds, in order, texel centres exact."""
+    rng = np.random.default_rng(0)
+    atlas = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rows, cols = rng.integers(0, 64, 70_000), rng.integers(0, 64, 70_000)
+    centres = np.stack([(cols + 0.5) / 64, (rows + 0.5) / 64], 1).astype(np.float32)
+    colours = sample_atlas(atlas, centres)
+    assert colours.shape == (70_000, 4) and np.all(colours[:, 3] == 255)
+    assert np.array_equal(colours[:, :3], atlas[rows, cols])
+    between = sample_atlas(atlas, np.array([[1.0 / 64, 0.5 / 64]], np.float32))  # halfway from texel 0 to 1
+    assert np.abs(between[0, :3].astype(int) - (atlas[0, 0].astype(int) + atlas[0, 1]) / 2).max() <= 1
+
+
 def test_push_pull_fills_gaps_from_the_nearest_known_colours() -> None:
     colours = np.zeros((64, 64, 3), np.float32)
     known = np.zeros((64, 64), bool)

@@ -85,26 +85,30 @@ def report(progress: ProgressCallback | None, fraction: float, detail: str = "")
 
 
 def ensure_memory_fits(batch_size: int, item_bytes: int, device: torch.device) -> None:
-    """Refuse up front a batch that cannot fit, rather than die half-way through it.
+    """Refuse up front a batch that cannot fit in the device's free memory, rather than die half-way through it."""
+    check_fits(batch_size, item_bytes, free_memory_bytes(device), device.type)
 
-    A batch too big as a whole raises MemoryError (the caller can split it and retry); one item
-    that cannot fit even alone is ResourceExhausted.
-    """
+
+def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         # The caching allocator may hold freed blocks that mem_get_info counts as used.
-        free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    else:
-        import psutil
+        return int(free_bytes + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
 
-        free_bytes = psutil.virtual_memory().available
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(batch_size: int, item_bytes: int, free_bytes: int, device_type: str) -> None:
+    """A batch too big as a whole raises MemoryError (the caller can split it and retry); one item
+    that cannot fit even alone is ResourceExhausted."""
     if item_bytes > free_bytes:
         raise ResourceExhausted(
-            f"shape generation needs about {item_bytes / 2**20:.0f} MiB on {device.type} for one picture, "
+            f"shape generation needs about {item_bytes / 2**20:.0f} MiB on {device_type} for one picture, "
             f"only {free_bytes / 2**20:.0f} MiB is free; lower the resolution"
         )
     if batch_size * item_bytes > free_bytes:
         raise MemoryError(
             f"out of memory: a batch of {batch_size} needs about {batch_size * item_bytes / 2**20:.0f} MiB "
-            f"on {device.type}, only {free_bytes / 2**20:.0f} MiB is free"
+            f"on {device_type}, only {free_bytes / 2**20:.0f} MiB is free"
         )

@@ -4,7 +4,9 @@ Decimation is quadric (fast_simplification) on the closed mesh; the result
 is checked (every edge shared by exactly two faces in opposite directions,
 one connected component) and, when a collapse broke that, redone less
 aggressively, then with a gentler target, down to keeping the undecimated
-mesh.
+mesh. The inflate backend usually hands over a mesh already within the
+face count (it decimates its front sheet before mirroring it, with the same
+attempts and checks: backends/inflate.py), which is then written as it is.
 
 Texture mapping follows texture_synthesis's atlas: faces whose centroid
 lies in front of z = 0 sample the front half, the others the back half;
@@ -35,7 +37,7 @@ import json
 import struct
 import threading
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import fast_simplification
@@ -59,7 +61,9 @@ _SIMPLIFY_LOCK = threading.Lock()
 # Attempts in order, as (target factor, aggressiveness). A collapse that pinches two sheets of a
 # thin part into one edge breaks closure; which collapses happen depends on both knobs, so a
 # failure is retried at the same target less aggressively before the target is raised.
-_ATTEMPTS = ((1.0, 7.0), (1.0, 5.0), (1.0, 3.0), (1.25, 5.0), (1.6, 5.0), (2.5, 3.0))
+# One decimation to at most `target` faces at an aggressiveness: (vertices, faces, target, aggressiveness).
+Simplifier = Callable[[np.ndarray, np.ndarray, int, float], tuple[np.ndarray, np.ndarray]]
+DECIMATION_ATTEMPTS = ((1.0, 7.0), (1.0, 5.0), (1.0, 3.0), (1.25, 5.0), (1.6, 5.0), (2.5, 3.0))
 JPEG_QUALITY = 90
 OBJ_NAME, MTL_NAME, TEXTURE_NAME = "model.obj", "model.mtl", "texture.jpg"
 # What a source file holds: _Mesh's arrays, plus the texture as JPEG bytes (absent when the texture is off).
@@ -92,17 +96,19 @@ def export_mesh(
     if textured.shape.texture_mapping == "atlas":
         vertices = textured.shape.vertices.astype(np.float64)
         faces = textured.shape.faces.astype(np.int64)
-        closed = _is_closed_piece(vertices, faces)
+        closed = is_closed_piece(vertices, faces)
         mesh = _normalise_final(vertices, faces, textured)
     else:
         vertices, faces, closed = decimate_closed(
-            textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count
+            textured.shape.vertices.astype(np.float64), textured.shape.faces.astype(np.int64), face_count,
+            checked_closed=textured.shape.checked_closed,
         )
         mesh = _map_and_normalise(vertices, faces, textured)
     # Encoded once: the files written now and the source (for the formats written later) share it.
     image = _encode_jpeg(textured.texture) if textured.texture is not None else None
     files = {name: _write(mesh, name, image) for name in dict.fromkeys(formats)}
-    extents = mesh.vertices.max(0) - mesh.vertices.min(0)
+    low, high = column_bounds(mesh.vertices)
+    extents = high - low
     return ExportedMesh(
         files=files,
         vertices=len(mesh.vertices),
@@ -114,7 +120,7 @@ def export_mesh(
     )
 
 
-def pack_source(mesh: "_Mesh", jpeg: bytes | None) -> bytes:
+def pack_source(mesh: _Mesh, jpeg: bytes | None) -> bytes:
     """The final mesh and its encoded texture, uncompressed but compact (indices as int32): a few
     milliseconds to write and read back, and about a third of the size the raw arrays would take."""
     buffer = io.BytesIO()
@@ -141,7 +147,7 @@ def write_from_source(source: bytes, fmt: str) -> bytes:
     return _write(mesh, fmt, jpeg)
 
 
-def _write(mesh: "_Mesh", fmt: str, image: bytes | None) -> bytes:
+def _write(mesh: _Mesh, fmt: str, image: bytes | None) -> bytes:
     if fmt == "glb":
         return _write_glb(mesh, image)
     if fmt == "obj":
@@ -151,7 +157,7 @@ def _write(mesh: "_Mesh", fmt: str, image: bytes | None) -> bytes:
     return _trimesh_of(mesh).export(file_type="ply", encoding="binary", vertex_normal=True)
 
 
-def _trimesh_of(mesh: "_Mesh") -> trimesh.Trimesh:
+def _trimesh_of(mesh: _Mesh) -> trimesh.Trimesh:
     """The merged (watertight) mesh with normals and vertex colours, for trimesh's writers."""
     return trimesh.Trimesh(
         vertices=mesh.vertices,
@@ -168,28 +174,48 @@ def _trimesh_of(mesh: "_Mesh") -> trimesh.Trimesh:
 
 
 def decimate_closed(
-    vertices: np.ndarray, faces: np.ndarray, face_count: int
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    face_count: int,
+    *,
+    checked_closed: bool = False,
+    simplifier: Simplifier | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Quadric decimation to about face_count faces that keeps the mesh closed and in one piece.
 
     Returns the vertices, the faces and whether the result is closed and one piece (false only
-    when the input itself was not).
+    when the input itself was not). checked_closed: the input is known to be closed and one piece.
+    simplifier: one decimation, `simplify` by default (the tests of the retries give one that breaks).
     """
+    simplify_once = simplifier or simplify
     if len(faces) <= face_count:
-        return vertices, faces, _is_closed_piece(vertices, faces)
-    for factor, aggressiveness in _ATTEMPTS:
+        return vertices, faces, checked_closed or is_closed_piece(vertices, faces)
+    for factor, aggressiveness in DECIMATION_ATTEMPTS:
         target = int(face_count * factor)
         if target >= len(faces):
             break
-        with _SIMPLIFY_LOCK:
-            points, triangles = fast_simplification.simplify(vertices, faces, target_count=target, agg=aggressiveness)
-        points, triangles = _drop_degenerate(points, triangles.astype(np.int64))
-        if _is_closed_piece(points, triangles):
+        points, triangles = simplify_once(vertices, faces, target, aggressiveness)
+        if is_closed_piece(points, triangles):
             return points, triangles, True
-    return vertices, faces, _is_closed_piece(vertices, faces)
+    return vertices, faces, is_closed_piece(vertices, faces)
 
 
-def _is_closed_piece(vertices: np.ndarray, faces: np.ndarray) -> bool:
+def simplify(
+    vertices: np.ndarray, faces: np.ndarray, target: int, aggressiveness: float, *, keep_border: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """One quadric decimation to at most `target` faces, degenerate faces and unused vertices dropped.
+
+    keep_border: an open sheet's border vertices are neither moved nor removed, so whatever is
+    stitched to that border still fits it.
+    """
+    with _SIMPLIFY_LOCK:
+        points, triangles = fast_simplification.simplify(
+            vertices, faces, target_count=target, agg=aggressiveness, preserve_border=keep_border
+        )
+    return _drop_degenerate(points, triangles.astype(np.int64))
+
+
+def is_closed_piece(vertices: np.ndarray, faces: np.ndarray) -> bool:
     return is_closed(faces) and _component_count(faces, len(vertices)) == 1
 
 
@@ -225,14 +251,24 @@ def is_closed(faces: np.ndarray) -> bool:
 
 
 def _component_count(faces: np.ndarray, vertex_count: int) -> int:
-    edges = faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)
+    # Two edges per face join all three corners.
+    edges = faces[:, [0, 1, 1, 2]].reshape(-1, 2)
     graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(vertex_count,) * 2)
     return int(connected_components(graph, directed=False)[0])
 
 
 def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
-    corners = vertices[faces].astype(np.float64)
-    return float(np.einsum("ij,ij->i", corners[:, 0], np.cross(corners[:, 1], corners[:, 2])).sum() / 6.0)
+    first, second, third = _corner_rows(vertices, faces)
+    return float(np.dot(first[0], second[1] * third[2] - second[2] * third[1])
+                 + np.dot(first[1], second[2] * third[0] - second[0] * third[2])
+                 + np.dot(first[2], second[0] * third[1] - second[1] * third[0])) / 6.0
+
+
+def _corner_rows(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each face corner's position as (3, M) float64 rows (x, y, z): whole-row arithmetic on them is
+    several times faster than on (M, 3) columns."""
+    rows = np.ascontiguousarray(vertices.T, np.float64)
+    return rows[:, faces[:, 0]], rows[:, faces[:, 1]], rows[:, faces[:, 2]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +281,8 @@ def _map_and_normalise(vertices: np.ndarray, faces: np.ndarray, textured: Textur
     size = atlas.shape[0]
 
     # Side of each face, in the shared frame (before normalising moves z = 0).
-    face_is_back = vertices[faces, 2].sum(1) < 0
+    depth = vertices[:, 2]
+    face_is_back = (depth[faces[:, 0]] + depth[faces[:, 1]]) + depth[faces[:, 2]] < 0
     used_front = np.zeros(len(vertices), bool)
     used_front[faces[~face_is_back].ravel()] = True
     used_back = np.zeros(len(vertices), bool)
@@ -299,22 +336,31 @@ def _normalise_final(vertices: np.ndarray, faces: np.ndarray, textured: Textured
 
 
 def _normalise(vertices: np.ndarray) -> np.ndarray:
-    low, high = vertices.min(0), vertices.max(0)
+    low, high = column_bounds(vertices)
     scale = 1.0 / max(float((high - low).max()), 1e-12)
     return ((vertices - (low + high) * 0.5) * scale).astype(np.float32)
 
 
+def column_bounds(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's minimum and maximum of an (N, k) array.
+
+    Reduced over a transposed copy: NumPy reduces a narrow array along its long axis some twenty
+    times slower than a contiguous row.
+    """
+    columns = np.ascontiguousarray(values.T)
+    return columns.min(1), columns.max(1)
+
+
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted vertex normals, unit length (a vertex with no area gets +z)."""
-    corners = vertices[faces].astype(np.float64)
-    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    sums = np.zeros((len(vertices), 3))
-    for corner in range(3):
-        for axis in range(3):
-            sums[:, axis] += np.bincount(faces[:, corner], face_normals[:, axis], minlength=len(vertices))
-    lengths = np.linalg.norm(sums, axis=1, keepdims=True)
-    normals = np.where(lengths > 1e-20, sums / np.maximum(lengths, 1e-20), [0.0, 0.0, 1.0])
-    return normals.astype(np.float32)
+    first, second, third = _corner_rows(vertices, faces)
+    u, v = second - first, third - first
+    face_normals = (u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0])
+    corners_of = faces.T.ravel()  # every face's first corner, then every second, then every third
+    sums = np.stack([np.bincount(corners_of, np.tile(axis, 3), minlength=len(vertices)) for axis in face_normals])
+    lengths = np.sqrt(sums[0] * sums[0] + sums[1] * sums[1] + sums[2] * sums[2])
+    normals = np.where(lengths > 1e-20, sums / np.maximum(lengths, 1e-20), np.array([[0.0], [0.0], [1.0]]))
+    return np.ascontiguousarray(normals.T, np.float32)
 
 
 def _encode_jpeg(texture: np.ndarray) -> bytes:
@@ -363,8 +409,9 @@ def _write_glb(mesh: _Mesh, jpeg: bytes | None) -> bytes:
         if normalized:
             accessor["normalized"] = True
         if bounds:
-            accessor["min"] = [float(v) for v in array.min(0)]
-            accessor["max"] = [float(v) for v in array.max(0)]
+            low, high = column_bounds(array)
+            accessor["min"] = [float(v) for v in low]
+            accessor["max"] = [float(v) for v in high]
         accessors.append(accessor)
         return len(accessors) - 1
 

@@ -59,6 +59,9 @@ class Shape:
     faces: np.ndarray  # (M, 3) int64
     texture_mapping: str = "two_sided"  # one of TEXTURE_MAPPINGS
     face_budget: int = 0  # "atlas" only: the job's face_count, reached before unwrapping
+    # True when the backend has checked that these very arrays are closed and one piece
+    # (mesh_export.is_closed_piece), so mesh_export need not check again.
+    checked_closed: bool = False
 
 
 @dataclass
