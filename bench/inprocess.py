@@ -124,13 +124,44 @@ def _table(results: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join(rows)
 
 
+SECTION_TITLE = "## In process: this code against an earlier commit"
+
+
+def _section(results: dict[str, dict[str, list[float]]], reference: str, runs: int) -> str:
+    from bench.common import machine_line
+
+    commit = subprocess.run(["git", "rev-parse", "--short", reference], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    lines = [
+        SECTION_TITLE, "",
+        f"Command: `.venv/bin/python -m bench.inprocess --reference {reference} --runs {runs} --write`", "",
+        f"Machine: {machine_line()}", "",
+        (f"Default settings, the 512-px astronaut, {runs} jobs a side after 2 warm-ups, the two sides (commit "
+         f"{commit} and the working tree, each in a process of its own) alternating job by job; medians."), "",
+        "| stage | before | now | ratio |", "|---|---|---|---|",
+    ]
+    for key in (*STAGES, "total"):
+        before = statistics.median(results["reference"][key]) * 1000
+        after = statistics.median(results["working"][key]) * 1000
+        lines.append(f"| {key} | {before:.1f} ms | {after:.1f} ms | {after / before:.2f}× |")
+    lines.append(f"| faces | {statistics.median(results['reference']['faces']):.0f} | "
+                 f"{statistics.median(results['working']['faces']):.0f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", default="HEAD", help="the commit to compare the working tree with")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--write", action="store_true", help="also write the comparison into bench/RESULTS.md")
     args = parser.parse_args()
-    print(_table(compare(args.reference, args.runs, device=args.device)))
+    results = compare(args.reference, args.runs, device=args.device)
+    print(_table(results))
+    if args.write:
+        from bench.common import BENCH_DIR, write_section
+
+        write_section(BENCH_DIR / "RESULTS.md", SECTION_TITLE, _section(results, args.reference, args.runs))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -104,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     print(report.summary_table(results))
     if not args.no_write:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        args.markdown.write_text(report.markdown(results))
+        fresh = report.markdown(results)
+        old = args.markdown.read_text() if args.markdown.exists() else ""
+        args.markdown.write_text(fresh + _sections_only_in(old, fresh))
         print(f"\nwritten: {args.markdown}, {args.json}", file=sys.stderr)
     return 1 if any("failed" in n for n in results["notes"]) else 0
+
+
+def _sections_only_in(old: str, fresh: str) -> str:
+    """The `## ` sections of the old RESULTS.md that this run did not write (those of a script run on its
+    own, such as `bench.inprocess --write`), so that a run of the suites keeps them."""
+    titles = {line for line in fresh.splitlines() if line.startswith("## ")}
+    kept = [part for part in re.split(r"(?m)^(?=## )", old)
+            if part.startswith("## ") and part.splitlines()[0] not in titles]
+    return "".join("\n" + part.rstrip("\n") + "\n" for part in kept)
 
 
 def _cpu_now() -> tuple[float, float]:
@@ -157,7 +169,6 @@ def _run_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         return postgres.run()
     if suite == "hunyuan3d":
         from bench import hunyuan3d
-
         from bench.inprocess import device_of
 
         device = device_of(args.device)
