@@ -35,8 +35,9 @@ from tests.lifecycle_helpers import (
 
 TINY = dict(resolution=64, steps=5, face_count=1000, texture=False)
 SMALL = dict(resolution=96, steps=20, face_count=2000, texture_size=256)
-# About 3 s on this machine, most of it mesh_export in a worker process.
-SLOW = dict(resolution=512, steps=50, face_count=20000, texture=False)
+# A job that spends 4 s in a quiet shape_generation (the test-only `slow` backend, tests/slow_backend.py,
+# which stops within 0.1 s when asked): a window that does not shrink as the real stages get faster.
+SLOW = dict(backend="slow", resolution=96, steps=4, face_count=2000, texture=False)
 
 
 def channel_for(stack: Stack) -> tuple[grpc.Channel, generation_pb2_grpc.GenerationServiceStub]:
@@ -62,7 +63,7 @@ def started(tmp_path, request):
     stacks: list[Stack] = []
 
     def start(name: str, **env: str) -> Stack:
-        stack = new_stack(tmp_path, name, **env)
+        stack = new_stack(tmp_path, name, GENERATION_BACKEND_PLUGINS="tests.slow_backend", **env)
         stack.start_all()
         stacks.append(stack)
         return stack
@@ -85,7 +86,7 @@ def test_sse_stream_outlives_quiet_spells_longer_than_its_keepalive(started):
                     keepalives += 1
                 elif line.startswith("event:"):
                     names.append(line[6:].strip())
-    # mesh_export sends nothing for seconds, many keep-alive intervals, and the stream still saw the end.
+    # shape_generation sends nothing for seconds, many keep-alive intervals, and the stream still saw the end.
     assert keepalives >= 3, keepalives
     assert names[-1] == "succeeded", names
     channel.close()
@@ -105,14 +106,14 @@ def test_a_websocket_whose_client_vanishes_is_noticed_before_the_next_event(star
                 return float(line.split()[-1])
         return 0.0
 
-    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_MESH_EXPORT), 60, what="mesh_export")
+    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
     ws_url = stack.gateway_url.replace("http", "ws") + f"/api/v1/generations/{job.id}/ws"
     with websockets.sync.client.connect(ws_url) as ws:
         json.loads(ws.recv())  # the first past event: the stream is open
         wait_until(lambda: subscribers() == 1.0, 10, what="the subscriber to count")
-    # Closed while mesh_export runs: no event is due for seconds.
+    # Closed while shape_generation runs: no event is due for seconds.
     wait_until(lambda: subscribers() == 0.0, 1.0, what="the vanished client to be noticed")
-    assert in_stage(stub, job.id, pb.STAGE_MESH_EXPORT)
+    assert in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION)
     channel.close()
 
 
@@ -174,8 +175,8 @@ def test_a_lock_through_a_job_end_leaves_api_row_and_event_agreeing(started):
     stack = started("lock-finish")
     channel, stub = channel_for(stack)
     job = stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(512), **SLOW))
-    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_MESH_EXPORT), 60, what="mesh_export")
-    # The export ends while the lock is held, for longer than SQLite's own busy wait: the job's end
+    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
+    # The job ends while the lock is held, for longer than SQLite's own busy wait: the job's end
     # must wait for the lock, not half-happen.
     with write_lock_held(stack.data_dir, 12.0):
         pass
@@ -189,7 +190,7 @@ def test_health_and_status_answer_while_another_process_holds_the_lock(started):
     stack = started("lock-loop")
     channel, stub = channel_for(stack)
     job = stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(512), **SLOW))
-    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_MESH_EXPORT), 60, what="mesh_export")
+    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
     slowest = 0.0
     with write_lock_held(stack.data_dir, 6.0) as holder:
         with httpx.Client(base_url=stack.gateway_url, timeout=10) as http:
@@ -211,7 +212,7 @@ def test_a_cancel_and_a_cancel_on_disconnect_survive_kill_9(started):
     # A Generate caller that wants its job to end with its call, queued behind the running one.
     follow = stub.Generate(pb.GenerateRequest(image=disk_png(), cancel_on_disconnect=True, **SMALL), timeout=120)
     follower = next(follow).generation_id
-    wait_until(lambda: in_stage(stub, running.id, pb.STAGE_MESH_EXPORT), 60, what="mesh_export")
+    wait_until(lambda: in_stage(stub, running.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
     answer = stub.CancelGeneration(pb.CancelGenerationRequest(id=running.id))
     assert answer.status in (pb.JOB_STATUS_RUNNING, pb.JOB_STATUS_CANCELLED)  # accepted: not ended otherwise
     stack.kill("generation")
@@ -232,7 +233,7 @@ def test_graceful_stops_give_the_attempt_back(started):
     channel, stub = channel_for(stack)
     job = stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(512), **SLOW))
     for _ in range(2):
-        wait_until(lambda: in_stage(stub, job.id, pb.STAGE_MESH_EXPORT), 60, what="mesh_export")
+        wait_until(lambda: in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
         channel.close()
         assert stack.stop("generation") == 0
         stored = stored_job(stack.data_dir, job.id)
@@ -262,7 +263,7 @@ def test_a_watch_ends_with_unavailable_naming_the_restart_and_resumes_after_it(s
 
     thread = threading.Thread(target=follow)
     thread.start()
-    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_MESH_EXPORT), 60, what="mesh_export")
+    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
     stack.stop("generation")
     thread.join(30)
     assert failure and failure[0].code() == grpc.StatusCode.UNAVAILABLE, failure
