@@ -82,8 +82,11 @@ def get_job(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
     return r.json()
 
 
-def follow_sse(url: str, job_id: str, into: dict[str, list[tuple[int, str]]]) -> None:
-    """A browser-style SSE reader: every (id, event) until the server closes the stream."""
+def follow_sse(
+    url: str, job_id: str, into: dict[str, list[tuple[int, str]]], opened: threading.Event | None = None
+) -> None:
+    """A browser-style SSE reader: every (id, event) until the server closes the stream; `opened` is set
+    once the first event has arrived (the gateway is following the job on some instance)."""
     seen: list[tuple[int, str]] = []
     with httpx.stream("GET", f"{url}/api/v1/generations/{job_id}/events", timeout=180) as response:
         assert response.status_code == 200
@@ -96,6 +99,8 @@ def follow_sse(url: str, job_id: str, into: dict[str, list[tuple[int, str]]]) ->
             elif line == "" and name:
                 seen.append((sequence, name))
                 sequence, name = 0, ""
+                if opened is not None:
+                    opened.set()
     into[job_id] = seen
 
 
@@ -152,10 +157,13 @@ def test_two_instances_share_40_jobs_and_survive_kill_9_of_one(two_instance_laun
         ids = list(pool.map(lambda seed: submit(url, seed), range(40)))
     # Six browser-style streams opened one after another: round robin serves them from both instances.
     streams: dict[str, list[tuple[int, str]]] = {}
-    followers = [threading.Thread(target=follow_sse, args=(url, i, streams)) for i in ids[-6:]]
+    opened = [threading.Event() for _ in ids[-6:]]
+    followers = [threading.Thread(target=follow_sse, args=(url, i, streams, o)) for i, o in zip(ids[-6:], opened)]
     for follower in followers:
         follower.start()
         time.sleep(0.05)
+    # Every stream is open, on one instance or the other, before one of them dies.
+    assert all(o.wait(30) for o in opened), "an SSE stream did not open"
 
     with httpx.Client(base_url=url, timeout=30) as client:
         # Kill instance 1 while it has a batch under way.

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.generation.pipeline.image_loading import load_image
 from services.generation.pipeline.params import MAX_IMAGE_BYTES
 from services.generation.pipeline.records import LoadedImage
@@ -25,6 +25,7 @@ FLAT_COLOUR_STD = 1.0
 class Admission:
     def __init__(self, threads: int = 2) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="admission")
+        self._closed = False
 
     async def load(self, data: bytes) -> tuple[LoadedImage, float]:
         """Decode and check the picture; return it with the seconds image_loading took."""
@@ -35,10 +36,15 @@ class Admission:
                 "image", f"is {len(data):,} bytes, over the limit of {MAX_IMAGE_BYTES:,} bytes (20 MiB)"
             )
         started = time.perf_counter()
+        if self._closed:
+            # The server still answers calls for its grace period after this closed; a submission then is
+            # refused like one reaching a stopped manager, and the client retries on the next instance.
+            raise Unavailable("the generation service is shutting down; retry shortly")
         loaded = await asyncio.get_running_loop().run_in_executor(self._pool, _load_and_check, data)
         return loaded, time.perf_counter() - started
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
