@@ -113,14 +113,21 @@ def compare(reference: str, runs: int, warmup: int = 2, device: str = "auto") ->
     return results
 
 
+def _medians(results: dict[str, dict[str, list[float]]]) -> list[tuple[str, float, float]]:
+    """(stage or "total", reference ms, working ms), medians, in pipeline order."""
+    return [(key, statistics.median(results["reference"][key]) * 1000, statistics.median(results["working"][key]) * 1000)
+            for key in (*STAGES, "total")]
+
+
+def _faces(results: dict[str, dict[str, list[float]]]) -> tuple[float, float]:
+    return statistics.median(results["reference"]["faces"]), statistics.median(results["working"]["faces"])
+
+
 def _table(results: dict[str, dict[str, list[float]]]) -> str:
     rows = [f"{'stage':<22}{'reference ms':>14}{'working ms':>12}{'ratio':>8}"]
-    for key in (*STAGES, "total"):
-        before = statistics.median(results["reference"][key]) * 1000
-        after = statistics.median(results["working"][key]) * 1000
-        rows.append(f"{key:<22}{before:>14.1f}{after:>12.1f}{after / before:>8.2f}")
-    rows.append(f"{'faces':<22}{statistics.median(results['reference']['faces']):>14.0f}"
-                f"{statistics.median(results['working']['faces']):>12.0f}")
+    rows += [f"{key:<22}{before:>14.1f}{after:>12.1f}{after / before:>8.2f}" for key, before, after in _medians(results)]
+    faces_before, faces_after = _faces(results)
+    rows.append(f"{'faces':<22}{faces_before:>14.0f}{faces_after:>12.0f}")
     return "\n".join(rows)
 
 
@@ -140,12 +147,10 @@ def _section(results: dict[str, dict[str, list[float]]], reference: str, runs: i
          f"{commit} and the working tree, each in a process of its own) alternating job by job; medians."), "",
         "| stage | before | now | ratio |", "|---|---|---|---|",
     ]
-    for key in (*STAGES, "total"):
-        before = statistics.median(results["reference"][key]) * 1000
-        after = statistics.median(results["working"][key]) * 1000
-        lines.append(f"| {key} | {before:.1f} ms | {after:.1f} ms | {after / before:.2f}× |")
-    lines.append(f"| faces | {statistics.median(results['reference']['faces']):.0f} | "
-                 f"{statistics.median(results['working']['faces']):.0f} | |")
+    lines += [f"| {key} | {before:.1f} ms | {after:.1f} ms | {after / before:.2f}× |"
+              for key, before, after in _medians(results)]
+    faces_before, faces_after = _faces(results)
+    lines.append(f"| faces | {faces_before:.0f} | {faces_after:.0f} | |")
     return "\n".join(lines) + "\n"
 
 
