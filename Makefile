@@ -25,10 +25,10 @@ install: $(INSTALLED) $(PB) $(EXTRA_INSTALL)
 
 $(INSTALLED): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# --no-compile: byte-compiling every file of torch and its kin up front costs a minute of a fresh
-	# install; Python compiles the modules that are imported when they first are.
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile --no-deps -r requirements-nodeps.txt
+	# Byte-compiled here, up front: where PYTHONDONTWRITEBYTECODE is set (as on this machine), nothing
+	# else would ever write a .pyc, and every service start would compile torch from source again.
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	# compat mode puts the repo root on sys.path, so pb/ (built later) imports too.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
 		-e . --config-settings editable_mode=compat
@@ -43,8 +43,7 @@ run: install
 	$(BIN)/python -m services.stack
 
 # Three pytest-xdist workers, a test file each at a time: most tests wait on real services, so even
-# on this 2-core machine a third worker shortens the suite (a fresh clone's `make test`: about 13 min
-# with two workers and the install byte-compiling everything, under 12 with these settings).
+# on this 2-core machine a third worker shortens the suite a little.
 PYTEST_WORKERS ?= 3
 test: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -195,7 +195,7 @@ def test_restart_each_service_in_turn_while_clients_keep_going(tmp_path):
 
 def test_idempotency_survives_a_restart_and_retention_expires_jobs(tmp_path):
     # Long enough that a restart on a loaded machine ends well before the job expires.
-    stack = new_stack(tmp_path, "retention", GENERATION_RETENTION_S="10", GENERATION_RETENTION_INTERVAL_S="0.5")
+    stack = new_stack(tmp_path, "retention", GENERATION_RETENTION_S="15", GENERATION_RETENTION_INTERVAL_S="0.5")
     stack.start_all()
     try:
         channel, stub = stub_for(stack)
@@ -210,7 +210,7 @@ def test_idempotency_survives_a_restart_and_retention_expires_jobs(tmp_path):
         with pytest.raises(grpc.RpcError) as err:
             stub.SubmitGeneration(pb.GenerateRequest(image=photo_png(), request_id="same-key-1", **SMALL))
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 45
         while (response := httpx.get(f"{stack.gateway_url}/api/v1/generations/{job.id}")).status_code == 200:
             assert time.monotonic() < deadline, "the job did not expire"
             time.sleep(0.5)
