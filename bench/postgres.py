@@ -201,7 +201,9 @@ async def _queue_scaling(url: str, samples: int, backlog: int) -> dict[str, Any]
                 started = time.perf_counter()
                 batch = await manager.take_batch(params, 8, uuid.uuid4().hex, "bench:1/cpu", "cpu")
                 claims.append(time.perf_counter() - started)
-                assert len(batch) == 8
+                # Up to 8: SKIP LOCKED passes over queued rows another transaction holds at that moment (the
+                # instance's own queue-position update, which follows a claim), as a claim in service does.
+                assert batch, "a claim found no queued job"
                 for job in batch:  # out of the way, so the next claim takes queued ones
                     await manager.finish(job, "succeeded", result=RESULT)
             results[label] = {

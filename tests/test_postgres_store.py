@@ -190,7 +190,7 @@ async def test_a_progress_write_leaves_the_session_committing_durably(postgres: 
     await store.open()
     try:
         record = await admit(store)
-        (claimed,), _ = await store.claim(batch_key_text(PARAMS.to_dict()), 1, claim_change("tok", "a:1"))
+        (_claimed,), _ = await store.claim(batch_key_text(PARAMS.to_dict()), 1, claim_change("tok", "a:1"))
         stage = Change(
             record.id,
             expect=lambda r: r.status == lifecycle.RUNNING and r.claim_token == "tok",
@@ -200,7 +200,7 @@ async def test_a_progress_write_leaves_the_session_committing_durably(postgres: 
         (applied,) = await store.apply([stage])
         assert applied is not None and applied.after.stage == "shape_generation"
         # The progress row is committed like any other: every instance reads it, event and all.
-        assert (await new_store_get(postgres, store, record.id)).stage == "shape_generation"
+        assert await new_store_get(postgres, store, record.id) == applied.after
         events = [pb.GenerationEvent.FromString(e) for e in await store.events(record.id)]
         assert events[-1].kind == pb.EVENT_KIND_STAGE and events[-1].sequence == applied.event.sequence
         # The relaxed commit was that transaction's alone: the connection's next commit waits for its flush.
