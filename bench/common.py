@@ -7,9 +7,11 @@ import asyncio
 import datetime as dt
 import math
 import os
-import re
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,8 +34,8 @@ LOG_DIR = BENCH_DIR / "out" / "logs"
 PHOTO = ("astronaut", 512)
 # Settings small enough for a thousand jobs in a few minutes on two cores.
 SMALL = {"resolution": 64, "face_count": 1000, "texture_size": 256}
-from services.common.logging_setup import read_log as log_records  # noqa: E402,F401 - re-exported
-from services.generation.pipeline.records import STAGES  # noqa: E402,F401 - re-exported for the bench modules
+from services.common.logging_setup import read_log as log_records  # noqa: F401 - re-exported
+from services.generation.pipeline.records import STAGES  # noqa: F401 - re-exported for the bench modules
 
 
 def photo_png(name: str = PHOTO[0], side: int = PHOTO[1]) -> bytes:
@@ -311,9 +313,37 @@ def machine_line() -> str:
 def write_section(markdown_path: Path, title: str, section: str) -> None:
     """Replace one benchmark's section of RESULTS.md (or append it), leaving every other section alone."""
     text = markdown_path.read_text() if markdown_path.exists() else ""
-    pattern = re.compile(re.escape(title) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(re.escape(title) + r"\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     markdown_path.write_text(text)
+
+
+# ----------------------------------------------------- this code against an earlier commit
+@contextmanager
+def exported_commit(reference: str) -> Iterator[Path]:
+    """The commit's files in a temporary folder, with its own pb/ built from its own protos (generated code is
+    not in git); it runs with this virtual environment."""
+    with tempfile.TemporaryDirectory(prefix="bench-reference-") as folder:
+        archive = subprocess.run(["git", "archive", reference], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        subprocess.run(["bash", "scripts/build_protos.sh"], cwd=folder, check=True, capture_output=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+        yield Path(folder)
+
+
+def comparison_section(
+    title: str, command: str, reference: str, description: str, column: str, rows: list[tuple[str, float, float]]
+) -> list[str]:
+    """A RESULTS.md section comparing the working tree with `reference`: rows of (name, before ms, now ms).
+    `description` may name the commit as {commit}."""
+    commit = subprocess.run(["git", "rev-parse", "--short", reference], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    lines = [
+        title, "", f"Command: `{command}`", "", f"Machine: {machine_line()}", "", description.format(commit=commit), "",
+        f"| {column} | before | now | ratio |", "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {before:.1f} ms | {after:.1f} ms | {after / before:.2f}× |" for name, before, after in rows]
+    return lines

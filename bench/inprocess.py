@@ -16,7 +16,6 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -89,14 +88,10 @@ class _Worker:
 
 def compare(reference: str, runs: int, warmup: int = 2, device: str = "auto") -> dict[str, dict[str, list[float]]]:
     """{"reference" | "working": {stage or "total" or "faces": [values, one per job]}}, interleaved."""
-    with tempfile.TemporaryDirectory(prefix="inprocess-reference-") as folder:
-        archive = subprocess.run(["git", "archive", reference], cwd=ROOT, check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-        # Generated code is not in git: the reference uses the working tree's.
-        for generated in ("pb",):
-            if (ROOT / generated).exists() and not (Path(folder) / generated).exists():
-                (Path(folder) / generated).symlink_to(ROOT / generated)
-        workers = {"reference": _Worker(Path(folder), device), "working": _Worker(ROOT, device)}
+    from bench.common import exported_commit
+
+    with exported_commit(reference) as folder:
+        workers = {"reference": _Worker(folder, device), "working": _Worker(ROOT, device)}
         results: dict[str, dict[str, list[float]]] = {name: {} for name in workers}
         try:
             for index in range(warmup + runs):
@@ -135,20 +130,14 @@ SECTION_TITLE = "## In process: this code against an earlier commit"
 
 
 def _section(results: dict[str, dict[str, list[float]]], reference: str, runs: int) -> str:
-    from bench.common import machine_line
+    from bench.common import comparison_section
 
-    commit = subprocess.run(["git", "rev-parse", "--short", reference], cwd=ROOT, check=True, capture_output=True,
-                            text=True).stdout.strip()
-    lines = [
-        SECTION_TITLE, "",
-        f"Command: `.venv/bin/python -m bench.inprocess --reference {reference} --runs {runs} --write`", "",
-        f"Machine: {machine_line()}", "",
+    lines = comparison_section(
+        SECTION_TITLE, f".venv/bin/python -m bench.inprocess --reference {reference} --runs {runs} --write", reference,
         (f"Default settings, the 512-px astronaut, {runs} jobs a side after 2 warm-ups, the two sides (commit "
-         f"{commit} and the working tree, each in a process of its own) alternating job by job; medians."), "",
-        "| stage | before | now | ratio |", "|---|---|---|---|",
-    ]
-    lines += [f"| {key} | {before:.1f} ms | {after:.1f} ms | {after / before:.2f}× |"
-              for key, before, after in _medians(results)]
+         "{commit} and the working tree, each in a process of its own) alternating job by job; medians."),
+        "stage", _medians(results),
+    )
     faces_before, faces_after = _faces(results)
     lines.append(f"| faces | {faces_before:.0f} | {faces_after:.0f} | |")
     return "\n".join(lines) + "\n"

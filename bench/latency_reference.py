@@ -25,7 +25,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import BENCH_DIR, ROOT, free_port, generate_via_gateway, machine_line, photo_png, write_section
+from bench.common import (
+    BENCH_DIR,
+    ROOT,
+    comparison_section,
+    exported_commit,
+    free_port,
+    generate_via_gateway,
+    photo_png,
+    write_section,
+)
 
 SECTION_TITLE = "## End to end: this code against an earlier commit"
 PHASES = ("e2e", "submit", "follow", "download")
@@ -33,17 +42,6 @@ PORT_VARIABLES = (
     "GATEWAY_PORT", "GENERATION_PORT", "TELEMETRY_PORT", "GENERATION_METRICS_PORT", "TELEMETRY_METRICS_PORT"
 )  # fmt: skip
 READY_WAIT_S = 300.0
-
-
-@contextmanager
-def exported(reference: str) -> Iterator[Path]:
-    """The commit's files in a temporary folder, with its own generated pb/."""
-    with tempfile.TemporaryDirectory(prefix="latency-reference-") as folder:
-        archive = subprocess.run(["git", "archive", reference], cwd=ROOT, check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-        subprocess.run(["bash", "scripts/build_protos.sh"], cwd=folder, check=True, capture_output=True,
-                       env={**os.environ, "PYTHON": sys.executable})
-        yield Path(folder)
 
 
 @contextmanager
@@ -106,20 +104,15 @@ def _medians(results: dict[str, dict[str, list[float]]]) -> list[tuple[str, floa
 
 
 def _section(results: dict[str, dict[str, list[float]]], reference: str, runs: int) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", reference], cwd=ROOT, check=True, capture_output=True,
-                            text=True).stdout.strip()
-    lines = [
-        SECTION_TITLE, "",
-        f"Command: `.venv/bin/python -m bench.latency_reference --reference {reference} --runs {runs} --write`", "",
-        f"Machine: {machine_line()}", "",
-        (f"Default settings, the 512-px astronaut through the gateway (POST, SSE to the terminal event, GLB "
-         f"download), {runs} jobs a stack after 3 warm-ups, the two stacks (commit {commit} and the working tree) "
+    lines = comparison_section(
+        SECTION_TITLE, f".venv/bin/python -m bench.latency_reference --reference {reference} --runs {runs} --write",
+        reference,
+        ("Default settings, the 512-px astronaut through the gateway (POST, SSE to the terminal event, GLB "
+         f"download), {runs} jobs a stack after 3 warm-ups, the two stacks (commit {{commit}} and the working tree) "
          "alternating job by job; medians. submit: POST until 202; follow: 202 until the terminal event; "
-         "download: the GLB after it."), "",
-        "| phase | before | now | ratio |", "|---|---|---|---|",
-    ]
-    lines += [f"| {phase} | {before:.1f} ms | {after:.1f} ms | {after / before:.2f}× |"
-              for phase, before, after in _medians(results)]
+         "download: the GLB after it."),
+        "phase", _medians(results),
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +123,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="also write the comparison into bench/RESULTS.md")
     args = parser.parse_args()
     with ExitStack() as stacks:
-        reference_tree = stacks.enter_context(exported(args.reference))
+        reference_tree = stacks.enter_context(exported_commit(args.reference))
         urls = {"reference": stacks.enter_context(stack(reference_tree)), "working": stacks.enter_context(stack(ROOT))}
         results = asyncio.run(compare(urls, args.runs))
     print(f"{'phase':<10}{'reference ms':>14}{'working ms':>12}{'ratio':>8}")

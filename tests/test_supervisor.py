@@ -11,10 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 from bench.launcher import Launcher, alive, wait_for
+from pb.orfeas.generation.v1 import generation_pb2 as pb
+from pb.orfeas.generation.v1 import generation_pb2_grpc
 from services.supervisor import Backoff, CrashWindow
 from tests.conftest import ARTIFACTS
 from tests.images import disk_png
@@ -22,6 +25,9 @@ from tests.images import disk_png
 FAST = {"resolution": "96", "steps": "20", "face_count": "2000", "texture_size": "256"}
 # One job that holds the worker for several seconds on the CPU (most of it in mesh_export).
 SLOW = {"resolution": "1024", "steps": "500", "texture": "false"}
+# One job that holds the device for 6 s in a quiet shape_generation (the test-only `slow` backend,
+# tests/slow_backend.py, which only gRPC takes): the window does not depend on how fast the real stages are.
+ON_THE_DEVICE = {"backend": "slow", "resolution": 96, "steps": 6, "face_count": 2000, "texture": False}
 
 
 @pytest.fixture
@@ -96,9 +102,11 @@ def test_kill_9_telemetry_generations_keep_succeeding_and_it_comes_back(launch) 
 
 def test_kill_9_generation_its_queued_jobs_come_back(launch) -> None:
     # One job a batch, so what waits behind the slow one is queued, not in its batch.
-    stack = launch("generation", GENERATION_MAX_BATCH_SIZE="1")
+    stack = launch("generation", GENERATION_MAX_BATCH_SIZE="1", GENERATION_BACKEND_PLUGINS="tests.slow_backend")
     before = stack.wait_up()
-    slow = submit(stack.url, SLOW)
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['GENERATION_PORT']}") as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        slow = stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(), **ON_THE_DEVICE), timeout=30).id
     wait_for("the slow job to run", lambda: job(stack.url, slow)["status"] == "running", 60)
     queued = [submit(stack.url, seed=i) for i in range(4)]
     # The worker prepares the next batch while the device is busy: that one is "running", the rest wait.
