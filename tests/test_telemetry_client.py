@@ -10,10 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pb.orfeas.telemetry.v1 import telemetry_pb2 as tpb
 from services.common.config import SecurityConfig
+from services.generation.batch_sizing import OptimizerBatchSizer
 from services.generation.device_monitor import sample_devices
+from services.generation.pipeline.params import GenerationParams
 from services.generation.telemetry_client import (
     BatchOutcome,
     PipelineProfile,
@@ -249,3 +252,21 @@ async def test_service_token_is_sent_and_required(tmp_path: Path) -> None:
         await bad.close()
         proc.kill()
     assert bad.reports_dropped == 1
+
+
+async def test_a_batch_that_ran_out_of_memory_while_the_optimizer_was_asked_caps_that_decision(
+    server: TelemetryProcess,
+) -> None:
+    client = TelemetryClient(server.address)
+    await client.start()
+    try:
+        sizer = OptimizerBatchSizer(client, torch.device("cpu"), "w1", max_batch_size=8, cpu_memory_share=0.5)
+        params = GenerationParams(resolution=64, steps=5)
+        asking = asyncio.create_task(sizer.decide(8, params, (64, 64)))
+        await asyncio.sleep(0)  # the decision is now waiting for the optimizer's answer...
+        assert not asking.done()
+        sizer.record_outcome(params, 8, 0, out_of_memory=True)  # ...when a batch of 8 runs out of memory
+        decision = await asking
+    finally:
+        await client.close()
+    assert decision.ceiling == 4 and decision.size <= 4, decision

@@ -87,6 +87,8 @@ class OptimizerBatchSizer:
             device=self.device_name,
         )
         self._last[key] = (decision.decision_id, min(free, self.capacity_bytes) if self.capacity_bytes else free)
+        # A batch that ran out of memory while the optimizer was being asked lowered the ceiling since.
+        ceiling = min(ceiling, self._oom_ceiling.get(key, self.max_batch_size))
         size = max(1, min(decision.size, ceiling, max(1, queue_length)))
         reasoning = decision.reasoning
         if size != decision.size:
