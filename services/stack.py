@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -70,10 +71,45 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         _prctl(_PR_SET_DEATHSIG, signal.SIGTERM)
 
 
+# free_port's ports lie between this and the kernel's ephemeral range.
+FREE_PORT_LOW = 20000
+# Ports handed out by free_port in this process, never handed out twice. Its own generator: a test that seeds
+# the global one (hypothesis does) must not make two processes pick the same ports.
+_HANDED_OUT: set[int] = set()
+_RANDOM = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on at the moment of asking, for a service to bind a moment later.
+
+    Chosen at random below the kernel's ephemeral range: a port the kernel hands out itself (binding
+    port 0) comes from the range every outgoing connection takes its local port from, so on a busy
+    machine a client socket could hold it by the time the service binds it.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _RANDOM.randrange(FREE_PORT_LOW, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # pragma: no cover - 200 taken ports in a row: take what the kernel gives
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return low if low > FREE_PORT_LOW + 1000 else 65536
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from pb.orfeas.telemetry.v1 import telemetry_pb2 as tpb
 from pb.orfeas.telemetry.v1 import telemetry_pb2_grpc
+from services.stack import free_port  # noqa: F401 - the telemetry tests take it from here
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
@@ -124,11 +124,6 @@ def stub(telemetry: TelemetryProcess) -> Iterator[telemetry_pb2_grpc.TelemetrySe
         channel.close()
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (at the moment of asking)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def profile(

@@ -11,6 +11,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 
 from services.common.errors import InvalidArgument, Unavailable
@@ -55,7 +56,9 @@ def _load_and_check(data: bytes) -> LoadedImage:
     thumb = rgba[::step, ::step]
     if loaded.has_alpha and int(thumb[..., 3].max()) == 0:
         raise InvalidArgument("image", "is fully transparent: there is nothing to reconstruct")
-    visible = thumb[..., :3][thumb[..., 3] > 0] if loaded.has_alpha else thumb[..., :3].reshape(-1, 3)
-    if not loaded.has_alpha and float(np.asarray(visible, dtype=np.float32).std(axis=0).max()) < FLAT_COLOUR_STD:
-        raise InvalidArgument("image", "is a single flat colour: no foreground found to reconstruct")
+    if not loaded.has_alpha:
+        # OpenCV's one pass in C: numpy's float copy and std of the thumbnail cost several ms here.
+        _mean, spread = cv2.meanStdDev(np.ascontiguousarray(thumb[..., :3]))
+        if float(spread.max()) < FLAT_COLOUR_STD:
+            raise InvalidArgument("image", "is a single flat colour: no foreground found to reconstruct")
     return loaded
