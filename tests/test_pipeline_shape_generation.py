@@ -1,8 +1,10 @@
 """The inflate backend: accurate Poisson heights, closed outward meshes, batch invariance, memory model."""
 from __future__ import annotations
 
+import time
 import tracemalloc
 import weakref
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -415,3 +417,18 @@ def test_a_picture_that_cannot_fit_is_resource_exhausted() -> None:
     assert free_memory_bytes(CPU) > item
 
 
+
+
+def test_the_service_hears_of_progress_at_most_every_interval() -> None:
+    # Each report becomes a committed, streamed event: a solve of many short chunks must not make hundreds.
+    image = PreparedImage(rgb=np.zeros((8, 8, 3), np.uint8), mask=np.ones((8, 8), bool), grid_mask=disk_mask(256),
+                          mask_source="alpha", source_mask=np.ones((8, 8), bool))
+    reports: list[tuple[float, float]] = []
+    get_backend("inflate").generate_batch(
+        [ShapeItem(image, 0, 40000)], ShapeSettings(256, 400, 0.0), device=DEVICE,
+        progress=lambda fraction, _detail: reports.append((time.perf_counter(), fraction)),
+    )
+    assert reports, "no progress at all"
+    gaps = [later - earlier for (earlier, _), (later, _) in pairwise(reports)]
+    assert all(gap >= inflate.PROGRESS_INTERVAL_S for gap in gaps), gaps
+    assert [fraction for _, fraction in reports] == sorted(fraction for _, fraction in reports)
