@@ -115,10 +115,15 @@ def main(argv: list[str] | None = None) -> int:
 def _sections_only_in(old: str, fresh: str) -> str:
     """The `## ` sections of the old RESULTS.md that this run did not write (those of a script run on its
     own, such as `bench.inprocess --write`), so that a run of the suites keeps them."""
-    titles = {line for line in fresh.splitlines() if line.startswith("## ")}
+    titles = {_title_stem(line) for line in fresh.splitlines() if line.startswith("## ")}
     kept = [part for part in re.split(r"(?m)^(?=## )", old)
-            if part.startswith("## ") and part.splitlines()[0] not in titles]
+            if part.startswith("## ") and _title_stem(part.splitlines()[0]) not in titles]
     return "".join("\n" + part.rstrip("\n") + "\n" for part in kept)
+
+
+def _title_stem(title: str) -> str:
+    """A section's title without its parenthesised details, which change from run to run ("(... 147 s)")."""
+    return title.split(" (", 1)[0].rstrip()
 
 
 def _cpu_now() -> tuple[float, float]:
