@@ -327,10 +327,15 @@ def exported_commit(reference: str) -> Iterator[Path]:
     """The commit's files in a temporary folder, with its own pb/ built from its own protos (generated code is
     not in git); it runs with this virtual environment."""
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as folder:
-        archive = subprocess.run(["git", "archive", reference], cwd=ROOT, check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
-        subprocess.run(["bash", "scripts/build_protos.sh"], cwd=folder, check=True, capture_output=True,
-                       env={**os.environ, "PYTHON": sys.executable})
+        archive = subprocess.run(["git", "archive", reference], check=False, cwd=ROOT, capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"--reference {reference}: not a commit git can export "
+                             f"({archive.stderr.decode(errors='replace').strip()})")
+        subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+        built = subprocess.run(["bash", "scripts/build_protos.sh"], check=False, cwd=folder, capture_output=True,
+                               text=True, env={**os.environ, "PYTHON": sys.executable})
+        if built.returncode != 0:
+            raise SystemExit(f"--reference {reference}: its protos do not build: {built.stderr.strip()[-500:]}")
         yield Path(folder)
 
 

@@ -103,7 +103,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-
 def _ephemeral_low() -> int:
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
