@@ -130,7 +130,10 @@ def check_gltf(document: dict, blob: bytes) -> None:
         assert document["accessors"][accessor_index]["count"] == vertex_count
     indices = document["accessors"][primitive["indices"]]
     view = document["bufferViews"][indices["bufferView"]]
-    values = np.frombuffer(blob, np.uint32, indices["count"], view["byteOffset"])
+    # The narrowest index type that addresses every vertex, 65535 being glTF's reserved restart value.
+    assert indices["componentType"] == (5123 if vertex_count < 65535 else 5125)
+    index_type = np.uint16 if indices["componentType"] == 5123 else np.uint32
+    values = np.frombuffer(blob, index_type, indices["count"], view["byteOffset"])
     assert values.max() < vertex_count and indices["count"] % 3 == 0
     normal = document["accessors"][primitive["attributes"]["NORMAL"]]
     normals = np.frombuffer(blob, np.float32, normal["count"] * 3,
@@ -166,6 +169,26 @@ def test_a_format_written_later_from_the_source_is_the_same_file(exported, textu
     assert mesh_export.write_from_source(alone.source, fmt) == exported.files[fmt] == alone.files[fmt]
     other = "stl" if fmt != "stl" else "glb"
     assert mesh_export.write_from_source(alone.source, other) == exported.files[other]
+
+
+@pytest.mark.parametrize("subdivisions", [5, 7])  # 10,242 and 163,842 vertices
+def test_glb_indices_are_32_bit_only_where_16_bits_cannot_address_every_vertex(subdivisions: int) -> None:
+    sphere = trimesh.creation.icosphere(subdivisions=subdivisions)
+    count = len(sphere.vertices)
+    faces = sphere.faces.astype(np.int64)
+    mesh = mesh_export._Mesh(
+        vertices=sphere.vertices.astype(np.float32), faces=faces,
+        normals=sphere.vertex_normals.astype(np.float32), colors=np.full((count, 4), 200, np.uint8),
+        split_source=np.arange(count), split_faces=faces, split_uv=np.zeros((count, 2), np.float32),
+        split_colors=np.full((count, 4), 200, np.uint8),
+    )
+    data = mesh_export._write_glb(mesh, None)
+    document, blob = read_glb(data)
+    check_gltf(document, blob)
+    indices = document["accessors"][document["meshes"][0]["primitives"][0]["indices"]]
+    assert indices["componentType"] == (5123 if subdivisions == 5 else 5125)
+    loaded = trimesh.load(io.BytesIO(data), file_type="glb", force="mesh", process=False)
+    assert np.array_equal(loaded.faces, sphere.faces)
 
 
 def test_textured_glb_colours_follow_the_picture(exported) -> None:
