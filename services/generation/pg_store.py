@@ -10,9 +10,10 @@ cluster needs, used by cluster_jobs.py:
   and gives each a lease (`leased_until`, in database time, so instances'
   clocks do not matter), renewed by its instance's heartbeat. Jobs whose lease
   ran out are put back by any live instance (`reclaim`).
-- **Admission is exact cluster-wide.** An advisory lock serialises the short
-  admission transaction, so the queue limit holds across instances and the
-  unique request_id answers a repeated request with its first job.
+- **Admission is exact cluster-wide.** The lock on the queue counter's one row
+  (migration 0002, kept by a trigger) serialises the short admission
+  transaction, so the queue limit holds across instances and the unique
+  request_id answers a repeated request with its first job.
 - **Every committed change is announced** by a trigger (NOTIFY orfeas_jobs,
   and orfeas_queue when a job becomes queued); `listen` delivers those to the
   instance, so any instance follows any job.
