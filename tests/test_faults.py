@@ -2,7 +2,8 @@
 
 - a hung stage (a test-only backend that never returns): the watchdog gives it up, the next job runs,
   and the background task that failed meanwhile is logged once;
-- an export process killed mid-export: the job is retried and succeeds;
+- an export process killed mid-export: the job is retried and succeeds; one whose cancel is pending
+  ends cancelled, as does one whose cancel is pending when a graceful stop gives running jobs back;
 - a tmpfs DATA_DIR that fills and then grows: clean 507s, no job stuck, work resumes without a restart.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pb.orfeas.generation.v1 import generation_pb2_grpc
 from services.stack import Stack
 from tests.conftest import new_stack
 from tests.images import disk_png
-from tests.lifecycle_helpers import TERMINAL, check_ended_consistently, wait_until
+from tests.lifecycle_helpers import TERMINAL, check_ended_consistently, stored_job, wait_until
 from tests.logs import entries
 
 SMALL = dict(resolution=96, steps=20, face_count=2000, texture_size=256)
@@ -109,6 +110,59 @@ def test_a_killed_export_process_is_retried_and_the_job_succeeds(tmp_path):
         check_ended_consistently(stub, stack.data_dir, job.id)
         events = list(stub.WatchGeneration(pb.WatchGenerationRequest(id=job.id), timeout=30))
         assert any(e.kind == pb.EVENT_KIND_QUEUED for e in events[4:]), "it went back to the queue"
+    finally:
+        channel.close()
+        stack.stop_all()
+
+
+def _in_export_with_a_cancel_pending(stub) -> pb.Generation:
+    """A job whose mesh_export runs in an export process for most of a second (see the test above), and
+    a cancel accepted meanwhile: the job carries it until its next step boundary."""
+    job = stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(512), resolution=512, face_count=1000, texture=False))
+    wait_until(lambda: get(stub, job.id).stage == pb.STAGE_MESH_EXPORT, 60, 0.02, "mesh_export to start")
+    assert stub.CancelGeneration(pb.CancelGenerationRequest(id=job.id), timeout=10).status == pb.JOB_STATUS_RUNNING
+    return job
+
+
+def test_a_cancel_pending_when_the_export_process_dies_ends_the_job_cancelled(tmp_path):
+    """Found by the cluster soak: requeued after the fault, the job kept its cancel, which no claim takes,
+    and waited in the queue for ever (and, on one instance, kept the jobs behind it waiting too)."""
+    stack = new_stack(tmp_path, "export-kill-cancel", GENERATION_EXPORT_INLINE_MAX_FACES="0")
+    stack.start_all()
+    channel, stub = connect(stack)
+    try:
+        job = _in_export_with_a_cancel_pending(stub)
+        for pid in export_processes(stack.processes["generation"].pid):
+            os.kill(pid, signal.SIGKILL)
+        final = ended(stub, job.id, 60)
+        assert final.status == pb.JOB_STATUS_CANCELLED, final
+        assert "the fault that ended its run came first" in final.error.message, final.error
+        assert final.attempts == 1
+        check_ended_consistently(stub, stack.data_dir, job.id)
+        ok = list(stub.Generate(pb.GenerateRequest(image=disk_png(), **SMALL), timeout=60))[-1]
+        assert ok.outcome.status == pb.JOB_STATUS_SUCCEEDED
+    finally:
+        channel.close()
+        stack.stop_all()
+
+
+def test_a_cancel_pending_at_a_graceful_stop_ends_the_job_cancelled_not_queued(tmp_path):
+    """The stop gives running jobs back to the queue, but not one whose client asked to cancel it: on a
+    cluster no other instance would ever take it."""
+    stack = new_stack(tmp_path, "stop-cancel", GENERATION_EXPORT_INLINE_MAX_FACES="0", GENERATION_GRACE_PERIOD_S="0.1")
+    stack.start_all()
+    channel, stub = connect(stack)
+    try:
+        job = _in_export_with_a_cancel_pending(stub)
+        channel.close()
+        assert stack.stop("generation") == 0
+        stored = stored_job(stack.data_dir, job.id)
+        assert stored is not None and stored.status == "cancelled", stored
+        stack.start("generation")
+        channel, stub = connect(stack)
+        final = check_ended_consistently(stub, stack.data_dir, job.id)
+        assert final.status == pb.JOB_STATUS_CANCELLED
+        assert "the service stopped before the job could" in final.error.message, final.error
     finally:
         channel.close()
         stack.stop_all()

@@ -589,6 +589,8 @@ class JobManager:
         token = job.record.claim_token
 
         def change(r: JobRecord) -> JobRecord:
+            if r.cancel_requested:
+                return _cancel_instead_of_requeue(r, f"the fault that ended its run came first: {message}")
             if r.attempts >= self.max_attempts:
                 return lifecycle.finish(r, lifecycle.FAILED, error=(code, f"{message} (after {r.attempts} attempts)"))
             return lifecycle.requeue(r, count_attempt=True, progress=_loaded_progress(r))
@@ -627,7 +629,14 @@ class JobManager:
             self._queue_changed.set()
 
     async def requeue(self, jobs: list[LiveJob], count_attempt: bool) -> int:
-        """Put running jobs back at the head of the queue (a graceful stop gives their attempt back)."""
+        """Put running jobs back at the head of the queue (a graceful stop gives their attempt back); one
+        whose cancel is pending ends cancelled instead. How many went back to the queue."""
+
+        def change(r: JobRecord) -> JobRecord:
+            if r.cancel_requested:
+                return _cancel_instead_of_requeue(r, "the service stopped before the job could")
+            return lifecycle.requeue(r, count_attempt=count_attempt, progress=_loaded_progress(r))
+
         changes = []
         for job in jobs:
             token = job.record.claim_token
@@ -635,19 +644,20 @@ class JobManager:
                 Change(
                     job.id,
                     expect=lambda r, token=token: r.status == lifecycle.RUNNING and r.claim_token == token,
-                    change=_checked(
-                        lambda r: lifecycle.requeue(r, count_attempt=count_attempt, progress=_loaded_progress(r))
-                    ),
-                    event=lambda r: _event(r, kind=pb.EVENT_KIND_QUEUED),
+                    change=_checked(change),
+                    event=lambda r: _terminal_event(r) if r.terminal else _event(r, kind=pb.EVENT_KIND_QUEUED),
                 )
             )
         if not changes:
             return 0
         results = await self.store.apply(changes)
-        requeued = [(job, applied) for job, applied in zip(jobs, results) if applied is not None]
-        for job, applied in requeued:
+        done = [(job, applied) for job, applied in zip(jobs, results) if applied is not None]
+        for job, applied in done:
             job.publish(applied.after, applied.event)  # type: ignore[arg-type]
-        self._back_in_queue([job for job, _ in requeued])
+            if applied.after.terminal:
+                self._ended(applied.after)
+        requeued = [job for job, applied in done if not applied.after.terminal]
+        self._back_in_queue(requeued)
         return len(requeued)
 
     # --- internals -------------------------------------------------------------------
@@ -776,6 +786,13 @@ def _submit_events(record: JobRecord, loading_s: float, position: int) -> list[p
         ),
         _event(record, kind=pb.EVENT_KIND_QUEUED, queue_position=position),
     ]
+
+
+def _cancel_instead_of_requeue(record: JobRecord, why: str) -> JobRecord:
+    """A running job whose client asked to cancel it, interrupted before it could stop on its own, ends
+    cancelled: queued again it would carry a cancel that no claim takes (claims skip cancelled jobs) and
+    that only ends queued jobs when it is asked, so it would wait in the queue for ever."""
+    return lifecycle.finish(record, lifecycle.CANCELLED, error=(lifecycle.CANCELLED_CODE, f"cancelled by the client ({why})"))
 
 
 def _claim_change(job_id: str, loaded: bool, token: str, worker_id: str, device: str) -> Change:
