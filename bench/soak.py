@@ -1,6 +1,7 @@
 """A bounded chaos soak: mixed load through the gateway while faults are injected at random.
 
-    python -m bench.soak --seconds 600            # `make soak` (SOAK_S sets the seconds)
+    python -m bench.soak --seconds 600                # `make soak` (SOAK_S sets the seconds)
+    python -m bench.soak --seconds 600 --instances 2  # `make soak SOAK_INSTANCES=2`: a cluster
 
 The stack is the real launcher (`python -m services.stack`, what `make run` starts), on free loopback
 ports, with DATA_DIR on a tmpfs of its own (mounting needs root, as CI has). The faults, one at a
@@ -9,6 +10,10 @@ time, each kind in turn in a seeded order:
 - the disk filling below the storage reserve, then freed;
 - an export process killed mid-export;
 - telemetry paused with SIGSTOP, then resumed.
+With --instances N > 1 the stack is N generation instances on the launcher's private PostgreSQL (under
+the same tmpfs, so a full disk reaches the database too), and two faults are added: the database killed
+with kill -9 (the launcher restarts it) and the database frozen with SIGSTOP, then resumed. Report:
+bench/SOAK_CLUSTER.md.
 The report (bench/SOAK.md by default) counts accepted, succeeded, failed by code, refused by code,
 stuck (accepted and never ended: must be 0), lost (accepted and gone: must be 0), and the p95
 latency of jobs that ran entirely outside fault windows.
@@ -36,6 +41,7 @@ from bench.launcher import Launcher, alive, children_of, wait_for
 from tests.images import disk_png, photo_png
 
 FAULTS = ("kill_service", "fill_disk", "kill_export", "pause_telemetry")
+CLUSTER_FAULTS = (*FAULTS, "kill_database", "pause_database")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # After a fault ends, this long still counts as its window (clients retrying, queues draining).
 SETTLE_S = 5.0
@@ -149,12 +155,14 @@ class Injector(threading.Thread):
         super().__init__(daemon=True)
         self.launcher, self.disk, self.tally, self.stop = launcher, disk, tally, stop
         self.random = random.Random(seed)
+        self.whole = launcher.parts()  # every part, as the stack started
+        self.faults = CLUSTER_FAULTS if "postgres" in self.whole else FAULTS
 
     def run(self) -> None:
         kinds: list[str] = []
         while not self.stop.wait(self.random.uniform(4.0, 8.0)):
             if not kinds:
-                kinds = [k for k in FAULTS if k != "fill_disk" or self.disk is not None]
+                kinds = [k for k in self.faults if k != "fill_disk" or self.disk is not None]
                 self.random.shuffle(kinds)
             kind = kinds.pop()
             began = time.time()
@@ -164,8 +172,27 @@ class Injector(threading.Thread):
             self._wait_healthy()
 
     def kill_service(self) -> None:
-        part = self.random.choice(["telemetry", "generation", "gateway"])
+        part = self.random.choice(sorted(name for name in self.whole if name != "postgres"))
         self.launcher.kill_part(part)
+
+    def kill_database(self) -> None:
+        self.launcher.kill_part("postgres")
+
+    def pause_database(self) -> None:
+        """Every PostgreSQL process frozen: connections stay open and nothing answers, as in a network
+        partition, rather than the refused connections of a database that is down."""
+        postmaster = self.launcher.parts().get("postgres")
+        if postmaster is None:
+            return
+        frozen = [postmaster, *children_of(postmaster)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            self.stop.wait(5.0)
+        finally:
+            for pid in frozen:
+                if alive(pid):
+                    os.kill(pid, signal.SIGCONT)
 
     def fill_disk(self) -> None:
         assert self.disk is not None
@@ -182,8 +209,8 @@ class Injector(threading.Thread):
     def kill_export(self) -> None:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            generation = self.launcher.parts().get("generation")
-            victims = [pid for pid in children_of(generation) if _is_export_process(pid)] if generation else []
+            instances = [pid for name, pid in self.launcher.parts().items() if name.startswith("generation")]
+            victims = [pid for g in instances for pid in children_of(g) if _is_export_process(pid)]
             if victims:
                 for pid in victims:
                     os.kill(pid, signal.SIGKILL)
@@ -202,7 +229,7 @@ class Injector(threading.Thread):
 
     def _wait_healthy(self) -> None:
         try:
-            wait_for("the stack to be whole again", lambda: len(self.launcher.parts()) == 3, 60, 0.2)
+            wait_for("the stack to be whole again", lambda: self.launcher.parts().keys() == self.whole.keys(), 60, 0.2)
         except AssertionError:
             pass
 
@@ -219,6 +246,7 @@ def _is_export_process(pid: int) -> bool:
 class SoakReport:
     seconds: float
     disk_faults: bool
+    instances: int
     accepted: int
     succeeded: int
     failed: dict[str, int]
@@ -237,10 +265,15 @@ class SoakReport:
         faults = ", ".join(f"{kind} ×{n}" for kind, n in sorted(self.faults.items()))
         p95 = f"{self.p95_quiet_s:.2f} s over {self.quiet_jobs} jobs" if self.p95_quiet_s is not None else "n/a"
         disk = "" if self.disk_faults else " (no disk faults: not run as root, so no tmpfs)"
-        return f"""# Chaos soak
+        title, stack = "Chaos soak", "The real launcher (`python -m services.stack`)"
+        if self.instances > 1:
+            title = f"Chaos soak of a cluster: {self.instances} generation instances on PostgreSQL"
+            stack += (f" with GENERATION_INSTANCES={self.instances}: its private PostgreSQL, under DATA_DIR, and the"
+                      " gateway balancing over the instances,")
+        return f"""# {title}
 
 Command: `{command}` on this machine (2 cores, no GPU), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.
-The real launcher (`python -m services.stack`) on loopback, DATA_DIR on a {DISK_MB} MB tmpfs with a
+{stack} on loopback, DATA_DIR on a {DISK_MB} MB tmpfs with a
 {RESERVE_MB} MB storage reserve{disk}; clients post a mix of pictures through the gateway (10 % cancelled),
 follow each job to its end, and retry what a fault interrupted with the same Idempotency-Key.
 
@@ -264,8 +297,11 @@ infrastructure fault that ran out of attempts (GENERATION_MAX_ATTEMPTS=3).
 """
 
 
-def run_soak(seconds: float, seed: int = 7, work_dir: Path | None = None, log_root: Path | None = None) -> SoakReport:
+def run_soak(
+    seconds: float, seed: int = 7, work_dir: Path | None = None, log_root: Path | None = None, instances: int = 1
+) -> SoakReport:
     work = Path(tempfile.mkdtemp(prefix="orfeas-soak-", dir=work_dir))
+    work.chmod(0o755)  # a cluster's private PostgreSQL runs as `postgres` under it
     disk: Path | None = work / "disk"
     disk.mkdir()
     if os.geteuid() == 0:
@@ -287,6 +323,7 @@ def run_soak(seconds: float, seed: int = 7, work_dir: Path | None = None, log_ro
             "GENERATION_RETENTION_INTERVAL_S": "2",
             "SUPERVISOR_BACKOFF_INITIAL_S": "0.2",
             "SUPERVISOR_MAX_RESTARTS": "1000",
+            "GENERATION_INSTANCES": str(instances),
         },
         **({"log_root": log_root} if log_root else {}),
     )
@@ -311,7 +348,7 @@ def run_soak(seconds: float, seed: int = 7, work_dir: Path | None = None, log_ro
         if disk is not None:
             subprocess.run(["umount", "-l", str(disk)], check=False)
         shutil.rmtree(work, ignore_errors=True)
-    return _report(tally, elapsed, disk is not None, stuck, lost, expired)
+    return _report(tally, elapsed, disk is not None, instances, stuck, lost, expired)
 
 
 def _final_check(launcher: Launcher, tally: Tally) -> tuple[list[str], list[str], int]:
@@ -349,7 +386,7 @@ def _final_check(launcher: Launcher, tally: Tally) -> tuple[list[str], list[str]
 
 
 def _report(
-    tally: Tally, elapsed: float, disk_faults: bool, stuck: list[str], lost: list[str], expired: int
+    tally: Tally, elapsed: float, disk_faults: bool, instances: int, stuck: list[str], lost: list[str], expired: int
 ) -> SoakReport:
     jobs = list(tally.jobs.values())
     windows = [(start, end + SETTLE_S) for _, start, end in tally.faults]
@@ -363,6 +400,7 @@ def _report(
     return SoakReport(
         seconds=elapsed,
         disk_faults=disk_faults,
+        instances=instances,
         accepted=len(jobs),
         succeeded=sum(j.status == "succeeded" for j in jobs),
         failed=dict(Counter(j.error_code or "unknown" for j in jobs if j.status == "failed")),
@@ -381,11 +419,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_S", "600")))
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--report", type=Path, default=Path(__file__).parent / "SOAK.md")
+    parser.add_argument("--instances", type=int, default=int(os.environ.get("SOAK_INSTANCES", "1")))
+    parser.add_argument("--report", type=Path, help="default: bench/SOAK.md, or bench/SOAK_CLUSTER.md for a cluster")
     args = parser.parse_args()
-    report = run_soak(args.seconds, args.seed)
-    command = f"make soak SOAK_S={args.seconds:g}"
-    args.report.write_text(report.markdown(command))
+    report = run_soak(args.seconds, args.seed, instances=args.instances)
+    command = f"make soak SOAK_S={args.seconds:g}" + (f" SOAK_INSTANCES={args.instances}" if args.instances > 1 else "")
+    default = "SOAK_CLUSTER.md" if args.instances > 1 else "SOAK.md"
+    (args.report or Path(__file__).parent / default).write_text(report.markdown(command))
     print(report.markdown(command))
     if report.stuck or report.lost:
         raise SystemExit(f"stuck: {report.stuck}, lost: {report.lost}")

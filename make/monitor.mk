@@ -8,7 +8,8 @@
 #                   to aim at a running one); reports under bench/.
 #   make bench      bench/run.py: the benchmark suite; results in bench/RESULTS.md.
 #   make soak       bench/soak.py: a bounded chaos soak (SOAK_S seconds, default 600) on loopback,
-#                   faults injected at random; report in bench/SOAK.md.
+#                   faults injected at random; report in bench/SOAK.md. SOAK_INSTANCES=2: a cluster
+#                   of two generation instances on PostgreSQL, report in bench/SOAK_CLUSTER.md.
 #
 # `make install` runs prometheus-install (EXTRA_INSTALL) because a test of
 # `make test` starts that Prometheus; once installed it costs one `command -v`.
@@ -23,6 +24,7 @@ BENCH_ARGS ?=
 EXTRA_INSTALL += prometheus-install
 
 SOAK_S ?= 600
+SOAK_INSTANCES ?= 1
 
 .PHONY: monitor prometheus-install loadtest bench soak
 
@@ -63,4 +65,4 @@ bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 soak: install
-	SOAK_S=$(SOAK_S) $(BIN)/python -m bench.soak
+	SOAK_S=$(SOAK_S) SOAK_INSTANCES=$(SOAK_INSTANCES) $(BIN)/python -m bench.soak
