@@ -58,17 +58,17 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
-# Seconds each of the longest test files took in a fresh-clone `make test` (2-core AMD EPYC, 2026-12-07,
+# Seconds each of the longest test files took under `make test`'s pytest command (2-core AMD EPYC, 2026-12-08,
 # setup included, from --junitxml). `make test` runs files on xdist workers in collection order
 # (--no-loadscope-reorder; xdist would otherwise put the files with the most tests first, and these, with few
 # tests each, last), and a worker that starts a long file near the end keeps the others waiting. So the
 # longest go first; every other file follows in its usual order.
 LONGEST_FILES = {
-    "test_lifecycle_regressions.py": 179, "test_durability.py": 147, "test_lifecycle_property.py": 106,
-    "test_supervisor.py": 100, "test_hunyuan3d_service.py": 94, "test_lifecycle_streams.py": 85,
-    "test_cluster.py": 76, "test_soak.py": 72, "test_schemathesis.py": 49, "test_faults.py": 46,
-    "test_batching_backpressure.py": 37, "test_hunyuan3d_turbo_service.py": 30, "test_hunyuan3d_turbo.py": 26,
-    "test_multi_device.py": 25, "test_studio_browser.py": 24, "test_telemetry_end_to_end.py": 24,
+    "test_lifecycle_regressions.py": 148, "test_durability.py": 130, "test_lifecycle_property.py": 124,
+    "test_lifecycle_streams.py": 91, "test_supervisor.py": 86, "test_faults.py": 85,
+    "test_hunyuan3d_service.py": 81, "test_cluster.py": 77, "test_soak.py": 70, "test_schemathesis.py": 55,
+    "test_hunyuan3d_turbo_service.py": 45, "test_batching_backpressure.py": 39, "test_studio_browser.py": 32,
+    "test_multi_device.py": 30, "test_hunyuan3d_turbo.py": 25, "test_telemetry_end_to_end.py": 23,
 }  # fmt: skip
 
 
