@@ -17,8 +17,9 @@ learns of it), and these differences:
 - **Cancel** commits the flag; the notice reaches the instance running the
   job, which reloads the record and stops at the next step boundary.
 - **Admission** counts the queue limit over the whole cluster (pg_store's
-  queue counter, its row locked), quotes Retry-After from the cluster's recent finishes, and
-  answers a repeated request_id with its first job wherever it was made.
+  queue counter, its row locked), quotes Retry-After from the cluster's
+  recent finishes, and answers a repeated request_id with its first job
+  wherever it was made.
 - **Queued events** (the place in the queue) are written for the first
   `queue_events_depth` waiting jobs whose place moved; the others learn theirs
   on the way up. A status call always gives the exact place.
