@@ -71,8 +71,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         _prctl(_PR_SET_DEATHSIG, signal.SIGTERM)
 
 
-# free_port's ports lie between this and the kernel's ephemeral range.
+# free_port's ports lie between this and the kernel's ephemeral range, or in FREE_PORTS_VARIABLE's
+# "low-high" when it is set: the suite gives each of its parallel workers a range of its own there, since
+# a port one process has handed out but its service has not bound yet looks free to every other process.
 FREE_PORT_LOW = 20000
+FREE_PORTS_VARIABLE = "ORFEAS_FREE_PORTS"
 # Ports handed out by free_port in this process, never handed out twice. Its own generator: a test that seeds
 # the global one (hypothesis does) must not make two processes pick the same ports.
 _HANDED_OUT: set[int] = set()
@@ -86,9 +89,9 @@ def free_port() -> int:
     port 0) comes from the range every outgoing connection takes its local port from, so on a busy
     machine a client socket could hold it by the time the service binds it.
     """
-    low = _ephemeral_low()
+    low, high = free_port_range()
     for _ in range(200):
-        port = _RANDOM.randrange(FREE_PORT_LOW, low)
+        port = _RANDOM.randrange(low, high)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -101,6 +104,14 @@ def free_port() -> int:
     with socket.socket() as s:  # pragma: no cover - 200 taken ports in a row: take what the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_range() -> tuple[int, int]:
+    """[low, high) of the ports free_port picks from."""
+    if given := os.environ.get(FREE_PORTS_VARIABLE):
+        low, high = (int(bound) for bound in given.split("-"))
+        return low, high
+    return FREE_PORT_LOW, _ephemeral_low()
 
 
 def _ephemeral_low() -> int:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pb.orfeas.generation.v1 import generation_pb2_grpc
-from services.stack import Stack, free_port
+from services.stack import FREE_PORTS_VARIABLE, Stack, free_port, free_port_range
 from tests.postgres_fixtures import postgres  # noqa: F401 - a session fixture: one PostgreSQL per worker, on demand
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -56,6 +56,14 @@ def http(stack: Stack) -> Iterator[httpx.Client]:
 def pytest_configure(config: pytest.Config) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Each xdist worker (and every process it starts) takes its free ports from a slice of its own: two
+    # workers picking the same port, each before its service bound it, made a service fail to start.
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and workers:
+        low, high = free_port_range()
+        width = (high - low) // int(workers)
+        first = low + int(worker.removeprefix("gw")) * width
+        os.environ[FREE_PORTS_VARIABLE] = f"{first}-{first + width}"
 
 
 # Seconds each of the longest test files took under `make test`'s pytest command (2-core AMD EPYC, 2026-12-08,
