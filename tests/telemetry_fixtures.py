@@ -124,8 +124,6 @@ def stub(telemetry: TelemetryProcess) -> Iterator[telemetry_pb2_grpc.TelemetrySe
         channel.close()
 
 
-
-
 def profile(
     job_id: str,
     backend: str,

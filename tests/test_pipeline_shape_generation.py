@@ -417,8 +417,6 @@ def test_a_picture_that_cannot_fit_is_resource_exhausted() -> None:
     assert free_memory_bytes(CPU) > item
 
 
-
-
 def test_the_service_hears_of_progress_at_most_every_interval() -> None:
     # Each report becomes a committed, streamed event: a solve of many short chunks must not make hundreds.
     image = PreparedImage(rgb=np.zeros((8, 8, 3), np.uint8), mask=np.ones((8, 8), bool), grid_mask=disk_mask(256),
