@@ -7,7 +7,8 @@
 5. SQLite never blocks the event loop: health and status answer while another process holds the lock;
 6. a cancel, and a Generate caller's cancel-on-disconnect, survive kill -9;
 7. a graceful stop gives the attempt back.
-Plus: a WebSocket whose client vanishes is noticed before the next event.
+Plus: a WebSocket whose client vanishes is noticed before the next event, and a graceful stop that meets
+a write waiting on another process's lock still ends (found by the life-cycle property test).
 """
 from __future__ import annotations
 
@@ -243,6 +244,29 @@ def test_graceful_stops_give_the_attempt_back(started):
     final = ended(stub, job.id)
     assert final.status == pb.JOB_STATUS_SUCCEEDED, final.error.message
     assert final.attempts == 1
+    check_ended_consistently(stub, stack.data_dir, job.id)
+    channel.close()
+
+
+def test_a_graceful_stop_that_meets_a_write_waiting_on_a_lock_ends_and_requeues(started):
+    """The stop cancels the device loop while it waits to record the end of shape_generation. That
+    handler ends one job and lets its batch-mates go on; it used to swallow the cancel too, so the loop
+    went back to waiting for work and the stop waited on it for ever (killed after 30 s)."""
+    stack = started("stop-in-write", GENERATION_GRACE_PERIOD_S="0.3")
+    channel, stub = channel_for(stack)
+    job = stub.SubmitGeneration(pb.GenerateRequest(image=disk_png(512), **{**SLOW, "steps": 2}))
+    wait_until(lambda: in_stage(stub, job.id, pb.STAGE_SHAPE_GENERATION), 60, what="shape_generation")
+    channel.close()
+    with write_lock_held(stack.data_dir, 4.0):
+        time.sleep(2.5)  # the 2 s stage is over; its "completed" event waits for the lock
+        began = time.monotonic()
+        assert stack.stop("generation") == 0, "the stop did not end by itself"
+    assert time.monotonic() - began < 10
+    stored = stored_job(stack.data_dir, job.id)
+    assert stored is not None and stored.status == "queued" and stored.attempts == 0, stored
+    stack.start("generation")
+    channel, stub = channel_for(stack)
+    assert ended(stub, job.id).status == pb.JOB_STATUS_SUCCEEDED
     check_ended_consistently(stub, stack.data_dir, job.id)
     channel.close()
 

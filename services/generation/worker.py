@@ -534,6 +534,7 @@ class BatchWorker:
                 await self._emit(p.job, "shape_generation", "started", 0.0, 0.0)
             except BaseException as exc:  # noqa: BLE001 - this job ends here, its batch-mates go on
                 await self._end_with_error(p.job, p.profile, exc)
+                _reraise_cancellation(exc)
                 batch.remove(p)
         if not batch:
             return
@@ -561,6 +562,7 @@ class BatchWorker:
                 await self._emit(p.job, "shape_generation", "completed", 1.0, elapsed)
             except BaseException as exc:  # noqa: BLE001
                 await self._end_with_error(p.job, p.profile, exc)
+                _reraise_cancellation(exc)
                 continue
             self._finishing.spawn(self._finish(p, shape), f"finish-{p.job.id}")
 
@@ -570,6 +572,7 @@ class BatchWorker:
             return False
         except BaseException as exc:  # noqa: BLE001
             await self._end_with_error(p.job, p.profile, exc)
+            _reraise_cancellation(exc)
             return True
 
     async def _generate_shapes(
@@ -849,6 +852,15 @@ class OverCapacity(MemoryError):
 class DeadlineExceededError(Exception):
     def __init__(self) -> None:
         super().__init__("deadline exceeded before the job could finish")
+
+
+def _reraise_cancellation(exc: BaseException) -> None:
+    """A handler that ends one job and lets its batch go on must not swallow the task's own cancel: a
+    graceful stop cancels the device loop, which would otherwise go back to waiting for work, and the
+    stop would wait on it for ever (found with a stop arriving while a write waited on another
+    process's lock)."""
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
 
 
 class _GivenBack(Exception):
