@@ -6,53 +6,59 @@ another process holding the database's write lock. After every run, for every ac
 - exactly one terminal event, the last one, and the API's status, the row and that event agree;
 - a job whose cancel was accepted before it started never ran;
 - without a kill -9, nothing failed (SIGTERM alone never fails a job).
-Bounded and seeded, so `make test` runs the same few interleavings every time.
+Bounded and seeded, so `make test` runs the same few interleavings every time. A restart waits for
+a job to be in flight, and each run has at most MAX_RESTARTS: unbounded, the seeded draw spent a whole
+run on nine restarts of an empty service (half a minute of start-ups that test nothing).
 """
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import grpc
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from pb.orfeas.generation.v1 import generation_pb2 as pb
 from pb.orfeas.generation.v1 import generation_pb2_grpc
+from services.stack import Stack
 from tests.conftest import new_stack
 from tests.images import disk_png
 from tests.lifecycle_helpers import TERMINAL, check_ended_consistently, stored_job, wait_until, write_lock_held
 
 QUICK = dict(resolution=64, steps=5, face_count=1000, texture=False)
 SLOW = dict(resolution=512, steps=50, face_count=20000, texture=False)
+MAX_RESTARTS = 3
+MAX_EXAMPLES = 8
+
+
+def may_restart(machine: JobLifecycle) -> bool:
+    return bool(machine.accepted) and machine.restarts < MAX_RESTARTS
 
 
 class JobLifecycle(RuleBasedStateMachine):
-    """Class attribute `root` (a folder) is set by the test below."""
+    """Class attribute `stack` (started) is set by the test below. Every run shares it: its jobs have all
+    ended by the run's teardown, so the next run starts on an empty queue without paying for a new stack."""
 
-    root: Path
-    runs = 0
+    stack: Stack
     jobs = Bundle("jobs")
 
     @initialize()
     def start(self) -> None:
-        JobLifecycle.runs += 1
-        self.stack = new_stack(
-            self.root,
-            f"property-{JobLifecycle.runs}",
-            GENERATION_GRACE_PERIOD_S="0.5",
-            GENERATION_MAX_ATTEMPTS="3",
-            GENERATION_MAX_QUEUE_DELAY_MS="5",
-        )
-        self.stack.start_all()
         self._connect()
         self.accepted: list[str] = []
         self.cancelled_before_start: set[str] = set()
         self.kills = 0
+        self.restarts = 0
         self.lockers: list[threading.Thread] = []
-        self.watch_errors: list[str] = []
 
     def _connect(self) -> None:
         self.channel = grpc.insecure_channel(self.stack.generation_address)
@@ -97,18 +103,22 @@ class JobLifecycle(RuleBasedStateMachine):
         terminal = [i for i, e in enumerate(received) if e.kind == pb.EVENT_KIND_TERMINAL]
         assert not terminal or terminal == [len(received) - 1]
 
+    @precondition(may_restart)
     @rule()
     def kill_and_restart(self) -> None:
         self.channel.close()
         self.stack.kill("generation")
         self.kills += 1
+        self.restarts += 1
         self.stack.start("generation")
         self._connect()
 
+    @precondition(may_restart)
     @rule()
     def sigterm_and_restart(self) -> None:
         self.channel.close()
         assert self.stack.stop("generation") == 0
+        self.restarts += 1
         self.stack.start("generation")
         self._connect()
 
@@ -132,7 +142,6 @@ class JobLifecycle(RuleBasedStateMachine):
             self._check_every_job()
         finally:
             self.channel.close()
-            self.stack.stop_all()
 
     def _check_every_job(self) -> None:
         for job_id in self.accepted:
@@ -158,13 +167,23 @@ class JobLifecycle(RuleBasedStateMachine):
 
 
 def test_the_job_lifecycle_holds_under_random_interleavings(tmp_path):
-    JobLifecycle.root = tmp_path
+    JobLifecycle.stack = new_stack(
+        tmp_path,
+        "property",
+        GENERATION_GRACE_PERIOD_S="0.5",
+        GENERATION_MAX_ATTEMPTS="3",
+        GENERATION_MAX_QUEUE_DELAY_MS="5",
+    )
+    JobLifecycle.stack.start_all()
     bounded = settings(
-        max_examples=3,
+        max_examples=MAX_EXAMPLES,
         stateful_step_count=10,
         deadline=None,
         derandomize=True,  # the same interleavings every run
         suppress_health_check=list(HealthCheck),
         database=None,
     )
-    run_state_machine_as_test(JobLifecycle, settings=bounded)
+    try:
+        run_state_machine_as_test(JobLifecycle, settings=bounded)
+    finally:
+        JobLifecycle.stack.stop_all()
