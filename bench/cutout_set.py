@@ -322,16 +322,19 @@ def _texture(name: str) -> np.ndarray:
     return background(name)
 
 
+Spec = tuple[str, str, Callable[[tuple[int, int]], Layer], dict]
+
+
 @cache
-def cases() -> tuple[CutoutCase, ...]:
-    """The labelled set, in a fixed order (a few seconds to build)."""
+def _specs() -> tuple[Spec, ...]:
+    """Each case as (name, backdrop, layer maker, compositing options), in the set's fixed order."""
     horse = ~samples.horse()  # True = horse
     rows, cols = np.flatnonzero(horse.any(1)), np.flatnonzero(horse.any(0))
     horse = horse[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     brown = _tinted(samples.gravel(), (70, 40, 20), (170, 110, 60))
     red, blue, yellow = (0.8, 0.12, 0.1), (0.15, 0.3, 0.8), (0.9, 0.75, 0.15)
     white, teal, purple = (0.9, 0.9, 0.88), (0.1, 0.6, 0.55), (0.5, 0.2, 0.6)
-    specs: list[tuple[str, str, Callable[[tuple[int, int]], Layer], dict]] = [
+    return (
         # Centred objects on busy photographs.
         ("sphere-on-astronaut", "astronaut", lambda s: sphere(s, (260, 250), 140, blue), {}),
         ("sphere-on-brick", "brick", lambda s: sphere(s, (240, 270), 150, teal), {"shadow": True}),
@@ -362,10 +365,20 @@ def cases() -> tuple[CutoutCase, ...]:
         ("vase-off-bottom-on-astronaut", "astronaut", lambda s: vase(s, 240, 120, 600, 180, white), {"jpeg": 85}),
         ("logo-off-left-on-hubble", "hubble", lambda s: logo(s, (90, 260), 210), {}),
         ("cone-off-bottom-on-moon", "moon", lambda s: cone(s, 256, 100, 620, 220, teal), {"shadow": True}),
-    ]
+    )
+
+
+def case_names() -> tuple[str, ...]:
+    """The cases' names, without building their pictures (tests parametrize on them at collection)."""
+    return tuple(name for name, *_ in _specs())
+
+
+@cache
+def cases() -> tuple[CutoutCase, ...]:
+    """The labelled set, in a fixed order (a few seconds to build)."""
     return tuple(
         composite(name, backdrop, layer_of, seed=index, **options)
-        for index, (name, backdrop, layer_of, options) in enumerate(specs)
+        for index, (name, backdrop, layer_of, options) in enumerate(_specs())
     )
 
 
