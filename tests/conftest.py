@@ -72,11 +72,11 @@ def pytest_configure(config: pytest.Config) -> None:
 # tests each, last), and a worker that starts a long file near the end keeps the others waiting. So the
 # longest go first; every other file follows in its usual order.
 LONGEST_FILES = {
-    "test_lifecycle_regressions.py": 148, "test_durability.py": 130, "test_lifecycle_property.py": 124,
-    "test_lifecycle_streams.py": 91, "test_supervisor.py": 86, "test_faults.py": 85,
-    "test_hunyuan3d_service.py": 81, "test_cluster.py": 77, "test_soak.py": 70, "test_schemathesis.py": 55,
-    "test_hunyuan3d_turbo_service.py": 45, "test_batching_backpressure.py": 39, "test_studio_browser.py": 32,
-    "test_multi_device.py": 30, "test_hunyuan3d_turbo.py": 25, "test_telemetry_end_to_end.py": 23,
+    "test_lifecycle_regressions.py": 171, "test_hunyuan3d_service.py": 129, "test_durability.py": 121,
+    "test_supervisor.py": 120, "test_lifecycle_property.py": 92, "test_lifecycle_streams.py": 88,
+    "test_cluster.py": 80, "test_soak.py": 75, "test_faults.py": 60, "test_schemathesis.py": 54,
+    "test_hunyuan3d_turbo_service.py": 41, "test_batching_backpressure.py": 37, "test_studio_browser.py": 36,
+    "test_multi_device.py": 27, "test_hunyuan3d_turbo.py": 26, "test_telemetry_end_to_end.py": 23,
 }  # fmt: skip
 
 

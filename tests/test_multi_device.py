@@ -125,7 +125,9 @@ def two_cpus(tmp_path_factory) -> Stack:
         # Room for two items at RES on cpu#0 (a batch of four splits there); none injected on cpu#1.
         GENERATION_MEMORY_LIMIT_MB=f"{max(1, int(2.5 * item / 2**20))},0",
         GENERATION_MAX_BATCH_SIZE=str(MAX_BATCH),
-        GENERATION_MAX_QUEUE_DELAY_MS="200",
+        # A window long enough that a burst of eight is all queued before it closes, even on a loaded
+        # machine: at 200 ms the batches were sometimes too small for cpu#0 to run out of memory.
+        GENERATION_MAX_QUEUE_DELAY_MS="1000",
         GENERATION_BACKEND_PLUGINS="tests.slow_backend",
     )
     stack.start_all()
