@@ -107,11 +107,17 @@ def free_port() -> int:
 
 
 def free_port_range() -> tuple[int, int]:
-    """[low, high) of the ports free_port picks from."""
-    if given := os.environ.get(FREE_PORTS_VARIABLE):
+    """[low, high) of the ports free_port picks from; ValueError names a malformed FREE_PORTS_VARIABLE."""
+    given = os.environ.get(FREE_PORTS_VARIABLE)
+    if not given:
+        return FREE_PORT_LOW, _ephemeral_low()
+    try:
         low, high = (int(bound) for bound in given.split("-"))
-        return low, high
-    return FREE_PORT_LOW, _ephemeral_low()
+    except ValueError:
+        low = high = 0
+    if not 1024 <= low < high <= 65536:
+        raise ValueError(f"{FREE_PORTS_VARIABLE}={given!r}: expected 'low-high', with 1024 <= low < high <= 65536")
+    return low, high
 
 
 def _ephemeral_low() -> int:

@@ -58,6 +58,8 @@ class JobLifecycle(RuleBasedStateMachine):
 
     @initialize()
     def start(self) -> None:
+        if self.stack.processes["generation"].poll() is not None:
+            self.stack.start("generation")  # a failed run left it down: the replay gets a live service
         self._connect()
         self.accepted: list[str] = []
         self.cancelled_before_start: set[str] = set()

@@ -443,8 +443,7 @@ class BatchWorker:
             return _Prepared(job, image, profile)
         except BaseException as exc:  # noqa: BLE001 - every failure ends the job, never the worker
             await self._end_with_error(job, profile, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            _reraise_cancellation(exc)
             return None
 
     async def _stage(
@@ -714,8 +713,7 @@ class BatchWorker:
                 self._log_job(job, profile)
         except BaseException as exc:  # noqa: BLE001
             await self._end_with_error(job, profile, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            _reraise_cancellation(exc)
         finally:
             if self.profiles is not None:
                 self.profiles.report(job, profile)
@@ -855,10 +853,10 @@ class DeadlineExceededError(Exception):
 
 
 def _reraise_cancellation(exc: BaseException) -> None:
-    """A handler that ends one job and lets its batch go on must not swallow the task's own cancel: a
-    graceful stop cancels the device loop, which would otherwise go back to waiting for work, and the
-    stop would wait on it for ever (found with a stop arriving while a write waited on another
-    process's lock)."""
+    """A handler that ends one job and lets the worker go on must not swallow the task's own cancel: a
+    graceful stop cancels the worker's loops, and one that went back to waiting for work would keep
+    the stop waiting for ever (as the device loop did when a stop arrived while a write waited on
+    another process's lock)."""
     if isinstance(exc, asyncio.CancelledError):
         raise exc
 
